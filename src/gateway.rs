@@ -1,0 +1,104 @@
+//! The gateway: the shared state every stage reads, and the one path by
+//! which a message enters the queue ([`Gateway::receive`]).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::config::Config;
+use crate::events::{Event, EventLog};
+use crate::intake::address::Recipient;
+use crate::metrics::Metrics;
+use crate::pipeline::Pipeline;
+use crate::reply::Reply;
+use crate::scheduler::Scheduler;
+use crate::spool::{EnvelopeRecord, NewMessage, QueueId, RecipientRecord, Spool, record};
+
+pub struct Gateway {
+    pub config: Config,
+    pub spool: Spool,
+    pub pipeline: Pipeline,
+    pub scheduler: Scheduler,
+    pub events: EventLog,
+    pub metrics: Metrics,
+    pub resolver: crate::dns::Resolver,
+    pub tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
+    pub tls_connector: tokio_rustls::TlsConnector,
+}
+
+/// A message as the client handed it over, before the pipeline runs.
+pub struct Submission {
+    pub sender: String,
+    pub recipients: Vec<Recipient>,
+    pub client_ip: IpAddr,
+    pub helo: String,
+    pub esmtp: bool,
+    pub tls: bool,
+    pub smtputf8: bool,
+    pub eight_bit: bool,
+    /// Message content: CRLF line ends, dot-stuffing removed.
+    pub content: Vec<u8>,
+}
+
+impl Gateway {
+    /// Runs the pipeline, stores the message durably and queues it for
+    /// delivery. Returns the queue id only once the message is on disk;
+    /// an error is the reply to give the client instead of `250`.
+    pub async fn receive(self: &Arc<Self>, submission: Submission) -> Result<QueueId, Reply> {
+        let started = Instant::now();
+        let id = QueueId::generate();
+        let data = self.pipeline.run(&id, &submission)?;
+
+        let now = record::unix_now();
+        let message = NewMessage {
+            id: id.clone(),
+            envelope: EnvelopeRecord {
+                sender: submission.sender,
+                received_at: now,
+                client_ip: submission.client_ip.to_string(),
+                helo: submission.helo,
+                size: data.len() as u64,
+                smtputf8: submission.smtputf8,
+                eight_bit: submission.eight_bit,
+                is_dsn: false,
+            },
+            recipients: submission
+                .recipients
+                .into_iter()
+                .map(|r| RecipientRecord::new(r.address, r.domain))
+                .collect(),
+            data,
+        };
+        if let Err(error) = self.spool.store(&message).await {
+            tracing::error!(queue_id = %id, error = %format!("{error:#}"), "spool write failed; message not accepted");
+            self.metrics.reject(crate::metrics::RejectReason::SpoolWrite);
+            return Err(Reply::new(
+                452,
+                "4.3.1",
+                "Insufficient system storage: the queue write failed; try again later",
+            ));
+        }
+
+        self.metrics.messages_received.inc();
+        self.metrics.bytes_received.inc_by(message.data.len() as u64);
+        self.metrics
+            .acceptance_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.events.log(Event::received(&message));
+        self.queue_new(&message);
+        Ok(id)
+    }
+
+    /// Queues every recipient domain of a message already in the spool for
+    /// delivery now.
+    pub fn queue_new(self: &Arc<Self>, message: &NewMessage) {
+        self.metrics.queued_messages.inc();
+        let mut domains: Vec<&str> = message.recipients.iter().map(|r| r.domain.as_str()).collect();
+        domains.sort_unstable();
+        domains.dedup();
+        for domain in domains {
+            self.scheduler
+                .schedule(self, message.id.clone(), domain.to_string(), 0);
+        }
+    }
+}

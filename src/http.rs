@@ -1,0 +1,99 @@
+//! The HTTP listener: `/healthz`, `/metrics` (Prometheus text format) and
+//! `/queue` (the queue as JSON, read by `baton queue list`).
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::{Deserialize, Serialize};
+
+use crate::gateway::Gateway;
+use crate::scheduler::DomainSummary;
+use crate::spool::QueuedMessage;
+
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/queue", get(queue))
+        .with_state(gateway)
+}
+
+async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
+    gateway
+        .metrics
+        .spool_bytes
+        .set(gateway.spool.size_on_disk() as i64);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        gateway.metrics.render(),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct QueueParams {
+    /// Most messages to list; default 1000.
+    limit: Option<usize>,
+}
+
+/// The queue as `/queue` returns it and `baton queue list` prints it.
+#[derive(Serialize, Deserialize)]
+pub struct QueueListing {
+    pub domains: Vec<DomainSummary>,
+    pub messages: Vec<MessageListing>,
+    /// True when `limit` cut the message list short.
+    pub truncated: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct MessageListing {
+    pub id: String,
+    pub sender: String,
+    pub received_at: u64,
+    pub size: u64,
+    pub recipients: Vec<crate::spool::RecipientRecord>,
+}
+
+impl From<QueuedMessage> for MessageListing {
+    fn from(message: QueuedMessage) -> Self {
+        MessageListing {
+            id: message.id.to_string(),
+            sender: message.envelope.sender,
+            received_at: message.envelope.received_at,
+            size: message.envelope.size,
+            recipients: message.recipients.into_iter().map(|(_, r)| r).collect(),
+        }
+    }
+}
+
+/// Reads up to `limit` messages from the spool.
+pub fn list_spool(spool: &crate::spool::Spool, limit: usize) -> anyhow::Result<(Vec<MessageListing>, bool)> {
+    let mut messages = Vec::new();
+    for message in spool.scan() {
+        if messages.len() == limit {
+            return Ok((messages, true));
+        }
+        messages.push(MessageListing::from(message?));
+    }
+    Ok((messages, false))
+}
+
+async fn queue(State(gateway): State<Arc<Gateway>>, Query(params): Query<QueueParams>) -> Response {
+    let limit = params.limit.unwrap_or(1000);
+    let spool = gateway.spool.clone();
+    let listed = tokio::task::spawn_blocking(move || list_spool(&spool, limit)).await;
+    match listed {
+        Ok(Ok((messages, truncated))) => axum::Json(QueueListing {
+            domains: gateway.scheduler.summary(),
+            messages,
+            truncated,
+        })
+        .into_response(),
+        Ok(Err(error)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read the spool: {error:#}\n")).into_response(),
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, format!("queue listing failed: {error}\n")).into_response(),
+    }
+}

@@ -1,0 +1,251 @@
+//! The DATA reader: turns the dot-stuffed byte stream after `354` into the
+//! message, and finds its end.
+//!
+//! Only `CRLF . CRLF` ends the data (RFC 5321 section 4.1.1.4). A bare LF or
+//! a bare CR anywhere stops the reader with an error instead of being taken
+//! as a line end, because a receiver that reads line ends more loosely than
+//! the sender can be tricked into seeing a second message inside the first
+//! (SMTP smuggling). The session then rejects the message and closes.
+
+/// Longest line of message content, excluding CRLF (RFC 5322 section 2.1.1).
+pub const MAX_LINE_LENGTH: usize = 998;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataError {
+    /// A LF not preceded by CR, on the given line (1-based).
+    BareLf { line: usize },
+    /// A CR not followed by LF, on the given line (1-based).
+    BareCr { line: usize },
+}
+
+/// Outcome of feeding one buffer to the reader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// More data is needed; all input bytes were consumed.
+    NeedMore,
+    /// The end of data was found after `consumed` bytes of this input; the
+    /// rest belongs to the next command.
+    Done { consumed: usize },
+    Failed(DataError),
+}
+
+/// Incremental reader for one DATA transfer.
+pub struct DataReader {
+    message: Vec<u8>,
+    max_size: usize,
+    /// Bytes of content seen, including those dropped for exceeding `max_size`.
+    total_size: usize,
+    at_line_start: bool,
+    /// The current line so far is a single `.` (a stuffing dot or the end).
+    dot_only: bool,
+    pending_cr: bool,
+    line: usize,
+    line_length: usize,
+    longest_line: usize,
+}
+
+impl DataReader {
+    pub fn new(max_size: usize) -> DataReader {
+        DataReader {
+            message: Vec::with_capacity(max_size.min(64 * 1024)),
+            max_size,
+            total_size: 0,
+            at_line_start: true,
+            dot_only: false,
+            pending_cr: false,
+            line: 1,
+            line_length: 0,
+            longest_line: 0,
+        }
+    }
+
+    /// Feeds the next bytes read from the client.
+    pub fn feed(&mut self, input: &[u8]) -> Progress {
+        for (position, &byte) in input.iter().enumerate() {
+            if self.pending_cr {
+                self.pending_cr = false;
+                if byte != b'\n' {
+                    return Progress::Failed(DataError::BareCr { line: self.line });
+                }
+                if self.dot_only {
+                    return Progress::Done {
+                        consumed: position + 1,
+                    };
+                }
+                self.push(b'\r');
+                self.push(b'\n');
+                self.longest_line = self.longest_line.max(self.line_length);
+                self.line += 1;
+                self.line_length = 0;
+                self.at_line_start = true;
+                continue;
+            }
+            match byte {
+                b'\r' => self.pending_cr = true,
+                b'\n' => return Progress::Failed(DataError::BareLf { line: self.line }),
+                b'.' if self.at_line_start => {
+                    // Either the end marker or a stuffing dot (RFC 5321 4.5.2);
+                    // both are dropped from the content.
+                    self.at_line_start = false;
+                    self.dot_only = true;
+                }
+                _ => {
+                    self.at_line_start = false;
+                    self.dot_only = false;
+                    self.line_length += 1;
+                    self.push(byte);
+                }
+            }
+        }
+        Progress::NeedMore
+    }
+
+    fn push(&mut self, byte: u8) {
+        self.total_size += 1;
+        if self.message.len() < self.max_size {
+            self.message.push(byte);
+        }
+    }
+
+    /// Size of the content in bytes, counting any dropped for being too large.
+    pub fn total_size(&self) -> usize {
+        self.total_size
+    }
+
+    pub fn too_large(&self) -> bool {
+        self.total_size > self.max_size
+    }
+
+    /// Longest content line seen, excluding CRLF.
+    pub fn longest_line(&self) -> usize {
+        self.longest_line
+    }
+
+    pub fn into_message(self) -> Vec<u8> {
+        self.message
+    }
+}
+
+/// Checks content received with BDAT, where nothing is dot-stuffed: every
+/// line must end in CRLF. Returns the first bare LF or CR, and the longest
+/// line length.
+pub fn check_line_endings(content: &[u8]) -> Result<usize, DataError> {
+    let mut line = 1;
+    let mut line_length = 0;
+    let mut longest = 0;
+    let mut index = 0;
+    while index < content.len() {
+        match content[index] {
+            b'\r' => {
+                if content.get(index + 1) != Some(&b'\n') {
+                    return Err(DataError::BareCr { line });
+                }
+                longest = longest.max(line_length);
+                line_length = 0;
+                line += 1;
+                index += 2;
+                continue;
+            }
+            b'\n' => return Err(DataError::BareLf { line }),
+            _ => line_length += 1,
+        }
+        index += 1;
+    }
+    Ok(longest.max(line_length))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_all(input: &[u8]) -> (Progress, Vec<u8>) {
+        let mut reader = DataReader::new(1 << 20);
+        let progress = reader.feed(input);
+        (progress, reader.into_message())
+    }
+
+    #[test]
+    fn ends_at_crlf_dot_crlf() {
+        let (progress, message) = read_all(b"Subject: a\r\n\r\nbody\r\n.\r\nQUIT\r\n");
+        assert_eq!(progress, Progress::Done { consumed: 23 });
+        assert_eq!(message, b"Subject: a\r\n\r\nbody\r\n");
+    }
+
+    #[test]
+    fn empty_message() {
+        let (progress, message) = read_all(b".\r\n");
+        assert_eq!(progress, Progress::Done { consumed: 3 });
+        assert!(message.is_empty());
+    }
+
+    #[test]
+    fn removes_stuffing_dot() {
+        let (_, message) = read_all(b"..leading\r\n...\r\n.\r\n");
+        assert_eq!(message, b".leading\r\n..\r\n");
+    }
+
+    #[test]
+    fn split_at_every_byte() {
+        let input = b"a\r\n..b\r\n.\r\n";
+        for split in 0..input.len() {
+            let mut reader = DataReader::new(1024);
+            let first = reader.feed(&input[..split]);
+            assert_eq!(first, Progress::NeedMore, "split at {split}");
+            let second = reader.feed(&input[split..]);
+            assert_eq!(second, Progress::Done { consumed: input.len() - split });
+            assert_eq!(reader.into_message(), b"a\r\n.b\r\n");
+        }
+    }
+
+    #[test]
+    fn bare_lf_fails() {
+        let (progress, _) = read_all(b"a\r\nb\n.\n");
+        assert_eq!(progress, Progress::Failed(DataError::BareLf { line: 2 }));
+    }
+
+    #[test]
+    fn bare_cr_fails() {
+        let (progress, _) = read_all(b"a\r.\r\n");
+        assert_eq!(progress, Progress::Failed(DataError::BareCr { line: 1 }));
+    }
+
+    #[test]
+    fn smuggling_variants_never_end_data() {
+        let variants: [&[u8]; 7] = [
+            b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r", b"\r.\r\n", b"\r\n.\r", b"\n.\r",
+        ];
+        for variant in variants {
+            let mut input = b"Subject: x\r\n\r\nbody".to_vec();
+            input.extend_from_slice(variant);
+            input.extend_from_slice(b"MAIL FROM:<evil@example.com>\r\n");
+            let (progress, _) = read_all(&input);
+            assert!(
+                matches!(progress, Progress::Failed(_) | Progress::NeedMore),
+                "{variant:?} gave {progress:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn oversize_is_counted_not_stored() {
+        let mut reader = DataReader::new(4);
+        assert_eq!(reader.feed(b"abcdef\r\n.\r\n"), Progress::Done { consumed: 11 });
+        assert!(reader.too_large());
+        assert_eq!(reader.total_size(), 8);
+        assert_eq!(reader.into_message(), b"abcd");
+    }
+
+    #[test]
+    fn longest_line_measured() {
+        let mut reader = DataReader::new(1 << 20);
+        reader.feed(b"abc\r\n12345\r\n.\r\n");
+        assert_eq!(reader.longest_line(), 5);
+    }
+
+    #[test]
+    fn bdat_line_endings() {
+        assert_eq!(check_line_endings(b"a\r\nbcd\r\n"), Ok(3));
+        assert_eq!(check_line_endings(b"a\r\nb\n"), Err(DataError::BareLf { line: 2 }));
+        assert_eq!(check_line_endings(b"a\rb"), Err(DataError::BareCr { line: 1 }));
+    }
+}

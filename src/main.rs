@@ -1,0 +1,94 @@
+//! `baton`: a deliverability-focused outbound SMTP gateway.
+
+mod config;
+mod delivery;
+mod dns;
+mod events;
+mod gateway;
+mod http;
+mod intake;
+mod metrics;
+mod pipeline;
+mod queue_cmd;
+mod reply;
+mod scheduler;
+mod serve;
+mod spool;
+mod tls;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "baton", version, about = "Outbound SMTP gateway: DKIM signing, durable queue, shaped delivery")]
+struct Cli {
+    /// YAML configuration file; without it the built-in defaults apply.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway: SMTP intake, delivery, HTTP metrics.
+    Serve,
+    /// Inspect the queue.
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// List queued messages per recipient domain, with their next attempt.
+    List {
+        /// Most messages to list.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BATON_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+
+    let config = match config::Config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("baton: {error:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command {
+        Command::Serve => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|runtime| runtime.block_on(serve::run(config))),
+        Command::Queue {
+            command: QueueCommand::List { limit },
+        } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|runtime| runtime.block_on(async { queue_cmd::list(&config, limit) })),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("baton: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! `baton serve`: builds the gateway, resumes the queue from the spool and
+//! runs the SMTP and HTTP listeners until SIGINT or SIGTERM.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::spool::Spool;
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let spool = Spool::open(&config.spool.path, config.spool.cache_size)?;
+    let events = crate::events::EventLog::open(&config.spool.path)?;
+    let resolver = crate::dns::build(&config.dns)?;
+    let tls_acceptor = match &config.smtp.tls {
+        Some(tls) => Some(crate::tls::server_acceptor(&tls.certificate, &tls.key).context("smtp.tls")?),
+        None => None,
+    };
+    let gateway = Arc::new(Gateway {
+        scheduler: crate::scheduler::Scheduler::new(
+            config.delivery.max_connections,
+            config.delivery.max_connections_per_domain,
+        ),
+        pipeline: crate::pipeline::Pipeline::new(config.hostname.clone()),
+        metrics: crate::metrics::Metrics::new(),
+        tls_connector: crate::tls::opportunistic_connector(),
+        tls_acceptor,
+        resolver,
+        events,
+        spool,
+        config,
+    });
+
+    let smtp_listeners = crate::intake::bind(&gateway).await?;
+    let http_address = gateway.config.http.listen;
+    let http_listener = tokio::net::TcpListener::bind(http_address)
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {http_address} (http.listen)"))?;
+
+    let resumed = resume_queue(&gateway)?;
+    tokio::spawn(crate::scheduler::Scheduler::run_timer(gateway.clone()));
+    for listener in smtp_listeners {
+        tracing::info!(address = %listener.local_addr()?, "SMTP intake listening");
+        tokio::spawn(crate::intake::serve(gateway.clone(), listener));
+    }
+    tracing::info!(address = %http_address, "HTTP listening");
+    let router = crate::http::router(gateway.clone());
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(http_listener, router).await {
+            tracing::error!(%error, "HTTP server stopped");
+        }
+    });
+    tracing::info!(
+        hostname = %gateway.config.hostname,
+        spool = %gateway.config.spool.path.display(),
+        resumed_messages = resumed,
+        "baton started"
+    );
+
+    wait_for_shutdown().await;
+    tracing::info!("shutting down");
+    // Everything acknowledged is already on disk; this flush only saves
+    // recent state changes so fewer deliveries repeat after the restart.
+    if let Err(error) = gateway.spool.flush().await {
+        tracing::error!(error = %format!("{error:#}"), "final spool flush failed");
+    }
+    Ok(())
+}
+
+/// Schedules every pending recipient found in the spool. Returns the
+/// number of messages resumed.
+fn resume_queue(gateway: &Arc<Gateway>) -> anyhow::Result<usize> {
+    let mut count = 0;
+    for message in gateway.spool.scan() {
+        let message = message.context("cannot read the spool to resume the queue")?;
+        let mut due_by_domain: HashMap<&str, u64> = HashMap::new();
+        for (_, recipient) in &message.recipients {
+            if recipient.state.is_pending() {
+                let due = due_by_domain.entry(&recipient.domain).or_insert(u64::MAX);
+                *due = (*due).min(recipient.next_attempt);
+            }
+        }
+        if due_by_domain.is_empty() {
+            // Every recipient is final but removal did not happen before
+            // the stop; finish it now.
+            gateway.spool.remove_if_complete(&message.id)?;
+            continue;
+        }
+        for (domain, due) in due_by_domain {
+            gateway
+                .scheduler
+                .schedule(gateway, message.id.clone(), domain.to_string(), due);
+        }
+        count += 1;
+    }
+    gateway.metrics.queued_messages.set(count as i64);
+    Ok(count)
+}
+
+async fn wait_for_shutdown() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler can be installed");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}

@@ -1,0 +1,55 @@
+//! Group commit: one fsync serves every writer waiting when it starts.
+//!
+//! A writer applies its batch, then calls [`Committer::commit`] and waits.
+//! The committer task takes all waiting requests, runs one `sled` flush, and
+//! answers them all. A request that arrives while a flush runs waits for the
+//! next one, because its batch may have been applied after that flush began.
+
+use tokio::sync::{mpsc, oneshot};
+
+type Waiter = oneshot::Sender<Result<(), String>>;
+
+pub struct Committer {
+    requests: mpsc::UnboundedSender<Waiter>,
+}
+
+impl Committer {
+    pub fn start(db: sled::Db) -> Committer {
+        let (requests, mut receiver) = mpsc::unbounded_channel::<Waiter>();
+        tokio::spawn(async move {
+            let mut waiters = Vec::new();
+            while let Some(first) = receiver.recv().await {
+                waiters.push(first);
+                while let Ok(next) = receiver.try_recv() {
+                    waiters.push(next);
+                }
+                let flushing = db.clone();
+                let result = match tokio::task::spawn_blocking(move || flushing.flush()).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(error)) => Err(error.to_string()),
+                    Err(error) => Err(format!("flush task failed: {error}")),
+                };
+                if let Err(error) = &result {
+                    tracing::error!(%error, waiters = waiters.len(), "spool flush failed");
+                }
+                for waiter in waiters.drain(..) {
+                    let _ = waiter.send(result.clone());
+                }
+            }
+        });
+        Committer { requests }
+    }
+
+    /// Waits for a flush that started after this call.
+    pub async fn commit(&self) -> anyhow::Result<()> {
+        let (sender, receiver) = oneshot::channel();
+        self.requests
+            .send(sender)
+            .map_err(|_| anyhow::anyhow!("spool committer has stopped"))?;
+        match receiver.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(anyhow::anyhow!("spool flush failed: {error}")),
+            Err(_) => Err(anyhow::anyhow!("spool committer has stopped")),
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! The spool: every accepted message and the state of each of its recipients,
+//! kept in one sled tree so that a message and its records commit atomically.
+//!
+//! The spool acknowledges nothing it has not flushed: [`Spool::store`] returns
+//! only after an fsync that started after the message was written. Concurrent
+//! stores share one flush (group commit, see [`commit`]), so N sessions cost
+//! one disk sync, not N.
+//!
+//! # Format
+//! One sled tree, `queue`, with three kinds of keys (`<id>` is a [`QueueId`]):
+//! - `m/<id>`: the message bytes as they will be sent (Received header and
+//!   any signatures included), CRLF line ends, no dot-stuffing.
+//! - `e/<id>`: the envelope, an [`EnvelopeRecord`] as JSON.
+//! - `r/<id>/<nnnn>`: recipient number `nnnn` (decimal, zero-padded), a
+//!   [`RecipientRecord`] as JSON.
+//!
+//! A message is removed, all three kinds at once, when no recipient is still
+//! queued or deferred. "In flight" is not stored: after a crash a recipient
+//! that was being delivered is still queued and is tried again, so a message
+//! in flight at the crash may arrive twice, but none is lost.
+
+mod commit;
+pub mod record;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+pub use record::{EnvelopeRecord, QueueId, RcptState, RecipientRecord};
+
+/// A message ready to be stored: envelope, recipients and final bytes.
+pub struct NewMessage {
+    pub id: QueueId,
+    pub envelope: EnvelopeRecord,
+    pub recipients: Vec<RecipientRecord>,
+    pub data: Vec<u8>,
+}
+
+/// One queued message as read back from the spool.
+#[derive(Debug, Clone)]
+pub struct QueuedMessage {
+    pub id: QueueId,
+    pub envelope: EnvelopeRecord,
+    pub recipients: Vec<(u32, RecipientRecord)>,
+}
+
+#[derive(Clone)]
+pub struct Spool {
+    db: sled::Db,
+    tree: sled::Tree,
+    committer: Arc<commit::Committer>,
+}
+
+impl Spool {
+    /// Opens (or creates) the spool in `folder`.
+    pub fn open(folder: &Path, cache_size: u64) -> anyhow::Result<Spool> {
+        std::fs::create_dir_all(folder)
+            .with_context(|| format!("cannot create spool folder {}", folder.display()))?;
+        let db = sled::Config::new()
+            .path(folder.join("queue"))
+            .cache_capacity(cache_size)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .with_context(|| {
+                format!(
+                    "cannot open the queue database in {}; is another baton process using this spool?",
+                    folder.display()
+                )
+            })?;
+        let tree = db.open_tree("queue")?;
+        let committer = Arc::new(commit::Committer::start(db.clone()));
+        Ok(Spool {
+            db,
+            tree,
+            committer,
+        })
+    }
+
+    /// Stores a new message and returns once it is durable on disk.
+    pub async fn store(&self, message: &NewMessage) -> anyhow::Result<()> {
+        let batch = Self::insert_batch(message)?;
+        self.tree.apply_batch(batch)?;
+        self.committer.commit().await
+    }
+
+    fn insert_batch(message: &NewMessage) -> anyhow::Result<sled::Batch> {
+        let id = &message.id;
+        let mut batch = sled::Batch::default();
+        batch.insert(message_key(id), message.data.as_slice());
+        batch.insert(envelope_key(id), serde_json::to_vec(&message.envelope)?);
+        for (index, recipient) in message.recipients.iter().enumerate() {
+            batch.insert(
+                recipient_key(id, index as u32),
+                serde_json::to_vec(recipient)?,
+            );
+        }
+        Ok(batch)
+    }
+
+    /// Records new recipient states, and stores `also_store` (a DSN) in the
+    /// same atomic batch, so a bounce is never recorded without its DSN.
+    /// Durable at the next flush; see [`Spool::flush`].
+    pub fn update(
+        &self,
+        id: &QueueId,
+        updates: &[(u32, RecipientRecord)],
+        also_store: Option<&NewMessage>,
+    ) -> anyhow::Result<()> {
+        let mut batch = match also_store {
+            Some(message) => Self::insert_batch(message)?,
+            None => sled::Batch::default(),
+        };
+        for (index, recipient) in updates {
+            batch.insert(recipient_key(id, *index), serde_json::to_vec(recipient)?);
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Waits until everything written so far is on disk.
+    pub async fn flush(&self) -> anyhow::Result<()> {
+        self.committer.commit().await
+    }
+
+    pub fn message_data(&self, id: &QueueId) -> anyhow::Result<Option<sled::IVec>> {
+        Ok(self.tree.get(message_key(id))?)
+    }
+
+    pub fn envelope(&self, id: &QueueId) -> anyhow::Result<Option<EnvelopeRecord>> {
+        match self.tree.get(envelope_key(id))? {
+            Some(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn recipients(&self, id: &QueueId) -> anyhow::Result<Vec<(u32, RecipientRecord)>> {
+        let prefix = format!("r/{id}/");
+        let mut recipients = Vec::new();
+        for entry in self.tree.scan_prefix(prefix.as_bytes()) {
+            let (key, value) = entry?;
+            let index = parse_recipient_index(&key)
+                .with_context(|| format!("corrupt recipient key {:?}", String::from_utf8_lossy(&key)))?;
+            recipients.push((index, serde_json::from_slice(&value)?));
+        }
+        Ok(recipients)
+    }
+
+    /// Loads one message's envelope and recipients.
+    pub fn load(&self, id: &QueueId) -> anyhow::Result<Option<QueuedMessage>> {
+        let Some(envelope) = self.envelope(id)? else {
+            return Ok(None);
+        };
+        Ok(Some(QueuedMessage {
+            id: id.clone(),
+            envelope,
+            recipients: self.recipients(id)?,
+        }))
+    }
+
+    /// Removes the message when none of its recipients is still pending.
+    /// Returns whether it was removed.
+    pub fn remove_if_complete(&self, id: &QueueId) -> anyhow::Result<bool> {
+        let recipients = self.recipients(id)?;
+        if recipients.iter().any(|(_, r)| r.state.is_pending()) {
+            return Ok(false);
+        }
+        let mut batch = sled::Batch::default();
+        batch.remove(message_key(id));
+        batch.remove(envelope_key(id));
+        for (index, _) in recipients {
+            batch.remove(recipient_key(id, index));
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(true)
+    }
+
+    /// Reads every queued message, oldest first (queue ids sort by time).
+    pub fn scan(&self) -> impl Iterator<Item = anyhow::Result<QueuedMessage>> + '_ {
+        let mut recipients: BTreeMap<QueueId, Vec<(u32, RecipientRecord)>> = BTreeMap::new();
+        let mut error = None;
+        for entry in self.tree.scan_prefix(b"r/") {
+            let parsed = entry.map_err(anyhow::Error::from).and_then(|(key, value)| {
+                let id = parse_recipient_id(&key).context("corrupt recipient key")?;
+                let index = parse_recipient_index(&key).context("corrupt recipient key")?;
+                let record: RecipientRecord = serde_json::from_slice(&value)?;
+                Ok((id, index, record))
+            });
+            match parsed {
+                Ok((id, index, record)) => recipients.entry(id).or_default().push((index, record)),
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        let envelopes = self.tree.scan_prefix(b"e/").map(move |entry| -> anyhow::Result<(QueueId, EnvelopeRecord)> {
+            let (key, value) = entry?;
+            let id = QueueId::from_key_suffix(&key[2..]).context("corrupt envelope key")?;
+            let envelope: EnvelopeRecord = serde_json::from_slice(&value)?;
+            Ok((id, envelope))
+        });
+        error.map(Err).into_iter().chain(envelopes.map(move |entry| {
+            let (id, envelope) = entry?;
+            let recipients = recipients.remove(&id).unwrap_or_default();
+            Ok(QueuedMessage {
+                id,
+                envelope,
+                recipients,
+            })
+        }))
+    }
+
+    /// Returns the bytes the spool takes on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+fn message_key(id: &QueueId) -> Vec<u8> {
+    format!("m/{id}").into_bytes()
+}
+
+fn envelope_key(id: &QueueId) -> Vec<u8> {
+    format!("e/{id}").into_bytes()
+}
+
+fn recipient_key(id: &QueueId, index: u32) -> Vec<u8> {
+    format!("r/{id}/{index:04}").into_bytes()
+}
+
+fn parse_recipient_id(key: &[u8]) -> Option<QueueId> {
+    let rest = key.strip_prefix(b"r/")?;
+    let slash = rest.iter().position(|&b| b == b'/')?;
+    QueueId::from_key_suffix(&rest[..slash])
+}
+
+fn parse_recipient_index(key: &[u8]) -> Option<u32> {
+    let slash = key.iter().rposition(|&b| b == b'/')?;
+    std::str::from_utf8(&key[slash + 1..]).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(id: QueueId) -> NewMessage {
+        NewMessage {
+            id,
+            envelope: EnvelopeRecord {
+                sender: "a@example.com".into(),
+                ..EnvelopeRecord::default()
+            },
+            recipients: vec![
+                RecipientRecord::new("x@one.example".into(), "one.example".into()),
+                RecipientRecord::new("y@two.example".into(), "two.example".into()),
+            ],
+            data: b"Subject: t\r\n\r\nbody\r\n".to_vec(),
+        }
+    }
+
+    #[tokio::test]
+    async fn store_survives_reopen() {
+        let folder = tempfile::tempdir().unwrap();
+        let id = QueueId::generate();
+        {
+            let spool = Spool::open(folder.path(), 1 << 20).unwrap();
+            spool.store(&sample(id.clone())).await.unwrap();
+        }
+        // The committer task releases its handle on the database once it
+        // sees the channel closed; give it the chance to run.
+        let mut reopened = Spool::open(folder.path(), 1 << 20);
+        for _ in 0..100 {
+            if reopened.is_ok() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            reopened = Spool::open(folder.path(), 1 << 20);
+        }
+        let spool = reopened.unwrap();
+        let messages: Vec<_> = spool.scan().collect::<Result<_, _>>().unwrap();
+        assert_eq!(messages.len(), 1);
+        assert_eq!(messages[0].id, id);
+        assert_eq!(messages[0].recipients.len(), 2);
+        let data = spool.message_data(&id).unwrap().unwrap();
+        assert_eq!(&data[..], b"Subject: t\r\n\r\nbody\r\n");
+    }
+
+    #[tokio::test]
+    async fn removed_only_when_no_recipient_pending() {
+        let folder = tempfile::tempdir().unwrap();
+        let spool = Spool::open(folder.path(), 1 << 20).unwrap();
+        let id = QueueId::generate();
+        spool.store(&sample(id.clone())).await.unwrap();
+
+        let mut first = spool.recipients(&id).unwrap()[0].1.clone();
+        first.state = RcptState::Delivered;
+        spool.update(&id, &[(0, first)], None).unwrap();
+        assert!(!spool.remove_if_complete(&id).unwrap());
+
+        let mut second = spool.recipients(&id).unwrap()[1].1.clone();
+        second.state = RcptState::Bounced;
+        spool.update(&id, &[(1, second)], None).unwrap();
+        assert!(spool.remove_if_complete(&id).unwrap());
+        assert!(spool.message_data(&id).unwrap().is_none());
+        assert_eq!(spool.scan().count(), 0);
+    }
+}

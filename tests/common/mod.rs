@@ -1,0 +1,13 @@
+//! Shared integration-test harness: a test DNS server (`dns`) and a scripted
+//! receiving SMTP server (`receiver`). Use with `mod common;`.
+#![allow(dead_code)]
+
+pub mod dns;
+pub mod receiver;
+
+use std::net::{IpAddr, Ipv4Addr};
+
+/// Returns the loopback address 127.0.0.`n`.
+pub fn loopback(n: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, n))
+}
