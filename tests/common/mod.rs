@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod dns;
+pub mod gateway;
 pub mod receiver;
 
 use std::net::{IpAddr, Ipv4Addr};
