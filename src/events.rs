@@ -51,7 +51,7 @@ pub struct Event {
     pub dsn: bool,
 }
 
-/// Where and how one delivery attempt went, for outcome events.
+/// MX host and address of one delivery attempt, for outcome events.
 #[derive(Debug, Clone, Default)]
 pub struct AttemptInfo {
     pub mx: Option<String>,

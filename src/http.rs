@@ -36,7 +36,7 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
 
 #[derive(Deserialize)]
 struct QueueParams {
-    /// Most messages to list; default 1000.
+    /// Maximum number of messages to list; default 1000.
     limit: Option<usize>,
 }
 

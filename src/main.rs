@@ -46,7 +46,7 @@ enum Command {
 enum QueueCommand {
     /// List queued messages per recipient domain, with their next attempt.
     List {
-        /// Most messages to list.
+        /// Maximum number of messages to list.
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },

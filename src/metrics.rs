@@ -6,7 +6,7 @@ use prometheus::{
     TextEncoder,
 };
 
-/// Why intake rejected a message or recipient; the `reason` label.
+/// Reason intake rejected a message or recipient: the `reason` label value.
 #[derive(Debug, Clone, Copy)]
 pub enum RejectReason {
     RelayDenied,

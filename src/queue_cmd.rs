@@ -1,7 +1,7 @@
 //! `baton queue list`: the queue per recipient domain, then per message.
 //!
-//! It asks the running gateway over HTTP; when none answers, it opens the
-//! spool itself (the queue database allows one process at a time).
+//! It queries the running gateway over HTTP. When none responds, it opens
+//! the spool itself, because the queue database allows one process at a time.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -52,7 +52,7 @@ fn fetch(config: &Config, limit: usize) -> anyhow::Result<QueueListing> {
     let body = &response[split + 4..];
     if !head.starts_with("HTTP/1.1 200") {
         anyhow::bail!(
-            "the gateway at {address} answered {}: {}",
+            "the gateway at {address} returned {}: {}",
             head.lines().next().unwrap_or(""),
             String::from_utf8_lossy(body).trim()
         );

@@ -23,7 +23,7 @@ pub fn server_acceptor(certificate: &Path, key: &Path) -> anyhow::Result<tokio_r
         .with_context(|| format!("invalid PEM in certificate file {}", certificate.display()))?;
     if chain.is_empty() {
         anyhow::bail!(
-            "certificate file {} holds no CERTIFICATE block",
+            "certificate file {} contains no CERTIFICATE block",
             certificate.display()
         );
     }

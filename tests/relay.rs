@@ -30,8 +30,8 @@ calm.busy.example.       A 127.0.0.8
 broken.example.          SERVFAIL
 "#;
 
-/// A message with MIME parts, an attachment, 8-bit text, a long folded
-/// header and a line that starts with a dot.
+/// Builds a message with MIME parts, an attachment, 8-bit text, a long
+/// folded header and a line that starts with a dot.
 fn multipart_message() -> Vec<u8> {
     let mut message = String::new();
     message.push_str("From: Sender <sender@src.example>\r\n");

@@ -59,7 +59,7 @@ impl Failure {
     }
 }
 
-/// What the server replied in one mail transaction.
+/// Replies of the server in one mail transaction.
 #[derive(Debug, Clone)]
 pub struct TransactionReplies {
     pub mail: Reply,
@@ -95,7 +95,7 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects, reads the greeting, says EHLO and starts TLS when offered
+    /// Connects, reads the greeting, sends EHLO and starts TLS when offered
     /// and `tls` is given.
     pub async fn connect(
         mx: &str,

@@ -150,7 +150,7 @@ impl Worker {
                 mx: Some(client.mx.clone()),
                 mx_ip: Some(client.address.ip().to_string()),
             };
-            if let Some(reply) = refuse_before_sending(client, &request, data) {
+            if let Some(reply) = check_server_limits(client, &request, data) {
                 return (every(reply, false), info);
             }
             let started = Instant::now();
@@ -169,9 +169,9 @@ impl Worker {
                 Err(failure) => {
                     let data_sent = client.data_sent;
                     self.drop_client();
-                    // A cached connection the server closed while idle fails
-                    // at once; try a fresh one, unless the data went out and
-                    // a retry could deliver it twice.
+                    // A reused connection fails at once when the server closed
+                    // it while idle, so try a fresh one. Not after the data went
+                    // out, because the retry could deliver the message twice.
                     if reused && round == 0 && !data_sent {
                         continue;
                     }
@@ -252,7 +252,7 @@ impl Worker {
 /// Checks what the server declared before sending anything: SIZE and
 /// SMTPUTF8 support. Returns the permanent failure when the message cannot
 /// be sent to this server.
-fn refuse_before_sending(client: &Client, envelope: &Envelope<'_>, data: &[u8]) -> Option<Reply> {
+fn check_server_limits(client: &Client, envelope: &Envelope<'_>, data: &[u8]) -> Option<Reply> {
     if let Some(limit) = client.extensions.size
         && limit > 0
         && data.len() > limit

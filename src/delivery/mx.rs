@@ -1,4 +1,4 @@
-//! Where to deliver a domain's mail: MX lookup (RFC 5321 section 5.1).
+//! MX lookup: the hosts that take a domain's mail (RFC 5321 section 5.1).
 //!
 //! MX hosts are sorted by preference, equal preferences shuffled. A domain
 //! without MX records is its own mail host (the implicit MX). A single MX of
@@ -21,7 +21,7 @@ pub struct Target {
     pub address: SocketAddr,
 }
 
-/// Why no target could be found.
+/// Reason no target could be found.
 #[derive(Debug, Clone)]
 pub enum RouteError {
     /// Retry later (SERVFAIL, timeout, no addresses yet).

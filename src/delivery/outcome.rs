@@ -1,7 +1,7 @@
-//! What happens to each recipient after an attempt (RFC 5321 section 4.2.1):
-//! a 2xx reply delivers it; a 4xx reply or a network error defers it by the
-//! `delivery.retry` schedule until `delivery.max_age`, then it bounces; a
-//! 5xx reply bounces it at once. Bounces produce one DSN per attempt.
+//! Recipient outcomes after an attempt (RFC 5321 section 4.2.1). A 2xx reply
+//! delivers the recipient. A 4xx reply or a network error defers it by the
+//! `delivery.retry` schedule until `delivery.max_age`, and then it bounces.
+//! A 5xx reply bounces it at once. Bounces produce one DSN per attempt.
 
 use std::sync::Arc;
 

@@ -2,10 +2,10 @@
 //! message, and finds its end.
 //!
 //! Only `CRLF . CRLF` ends the data (RFC 5321 section 4.1.1.4). A bare LF or
-//! a bare CR anywhere stops the reader with an error instead of being taken
-//! as a line end, because a receiver that reads line ends more loosely than
-//! the sender can be tricked into seeing a second message inside the first
-//! (SMTP smuggling). The session then rejects the message and closes.
+//! a bare CR anywhere stops the reader with an error; it is never taken as a
+//! line end. A receiver that reads line ends more loosely than the sender
+//! can be tricked into seeing a second message inside the first (SMTP
+//! smuggling). The session then rejects the message and closes.
 
 /// Longest line of message content, excluding CRLF (RFC 5322 section 2.1.1).
 pub const MAX_LINE_LENGTH: usize = 998;

@@ -1,7 +1,7 @@
 //! One SMTP session with a client (RFC 5321), from greeting to close.
 //!
-//! The session never answers `250` to message data before the gateway has
-//! stored the message durably; that answer comes from [`Gateway::receive`].
+//! The session never sends `250` for message data before the gateway has
+//! stored the message durably; that reply comes from [`Gateway::receive`].
 //! Replies to pipelined commands (RFC 2920) are collected and written when
 //! the client has no more input waiting, so a pipelined batch costs one write.
 
@@ -23,7 +23,7 @@ use crate::reply::Reply;
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Io for T {}
 
-/// Why the session ends.
+/// Reason the session ends.
 enum Close {
     /// The client quit, or the session replied and chose to close.
     Done,

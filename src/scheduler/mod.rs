@@ -125,14 +125,14 @@ impl Scheduler {
             let Some(queue) = state.domains.get_mut(domain) else {
                 return;
             };
-            let wanted = queue
+            let needed = queue
                 .ready
                 .len()
                 .saturating_sub(queue.connections)
                 .min(self.max_per_domain.saturating_sub(queue.connections));
-            let starts = wanted.min(total_free);
+            let starts = needed.min(total_free);
             queue.connections += starts;
-            let starved = wanted > starts;
+            let starved = needed > starts;
             state.connections += starts;
             if starved && state.starved_set.insert(domain.to_string()) {
                 state.starved.push_back(domain.to_string());

@@ -268,8 +268,8 @@ mod tests {
             let spool = Spool::open(folder.path(), 1 << 20).unwrap();
             spool.store(&sample(id.clone())).await.unwrap();
         }
-        // The committer task releases its handle on the database once it
-        // sees the channel closed; give it the chance to run.
+        // The committer task releases its handle on the database after it
+        // notices the closed channel, so give it the chance to run.
         let mut reopened = Spool::open(folder.path(), 1 << 20);
         for _ in 0..100 {
             if reopened.is_ok() {

@@ -42,7 +42,7 @@ impl fmt::Display for QueueId {
     }
 }
 
-/// What the gateway knows about a message apart from its recipients.
+/// Envelope data of a message: everything stored apart from its recipients.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct EnvelopeRecord {
     /// Envelope sender (MAIL FROM); empty for the null sender `<>`.
