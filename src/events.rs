@@ -46,6 +46,9 @@ pub struct Event {
     pub next_attempt: Option<String>,
     /// Arrival time of the message (RFC 3339).
     pub received_at: String,
+    /// For `received`: the domain the message was DKIM-signed for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dkim_domain: Option<String>,
     /// The message is a DSN made by this gateway.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub dsn: bool,
@@ -74,6 +77,7 @@ impl Event {
             attempt: None,
             next_attempt: None,
             received_at: format_unix(message.envelope.received_at),
+            dkim_domain: None,
             dsn: message.envelope.is_dsn,
         }
     }
@@ -101,6 +105,7 @@ impl Event {
             attempt: Some(attempt),
             next_attempt: None,
             received_at: format_unix(envelope.received_at),
+            dkim_domain: None,
             dsn: envelope.is_dsn,
         }
     }

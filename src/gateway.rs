@@ -47,7 +47,10 @@ impl Gateway {
     pub async fn receive(self: &Arc<Self>, submission: Submission) -> Result<QueueId, Reply> {
         let started = Instant::now();
         let id = QueueId::generate();
-        let data = self.pipeline.run(&id, &submission)?;
+        let processed = self.pipeline.run(&id, &submission).inspect_err(|reply| {
+            tracing::info!(queue_id = %id, client_ip = %submission.client_ip, reply = %reply.one_line(), "message rejected by the pipeline");
+        })?;
+        let data = processed.data;
 
         let now = record::unix_now();
         let message = NewMessage {
@@ -84,7 +87,11 @@ impl Gateway {
         self.metrics
             .acceptance_seconds
             .observe(started.elapsed().as_secs_f64());
-        self.events.log(Event::received(&message));
+        let signed = if processed.signed_for.is_some() { "signed" } else { "unsigned" };
+        self.metrics.dkim_messages.with_label_values(&[signed]).inc();
+        let mut event = Event::received(&message);
+        event.dkim_domain = processed.signed_for;
+        self.events.log(event);
         self.queue_new(&message);
         Ok(id)
     }

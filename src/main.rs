@@ -2,6 +2,7 @@
 
 mod config;
 mod delivery;
+mod dkim_cmd;
 mod dns;
 mod events;
 mod gateway;
@@ -9,6 +10,7 @@ mod http;
 mod intake;
 mod metrics;
 mod pipeline;
+mod policy;
 mod queue_cmd;
 mod reply;
 mod scheduler;
@@ -39,6 +41,32 @@ enum Command {
     Queue {
         #[command(subcommand)]
         command: QueueCommand,
+    },
+    /// Make DKIM keys and check their DNS records.
+    Dkim {
+        #[command(subcommand)]
+        command: DkimCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DkimCommand {
+    /// Write a new private key to keys/<domain>/<selector>.pem (mode 0600)
+    /// and print the DNS TXT record to publish.
+    Keygen {
+        #[arg(long)]
+        domain: String,
+        #[arg(long)]
+        selector: String,
+        #[arg(long, value_enum, default_value = "rsa-2048")]
+        algorithm: dkim_cmd::Algorithm,
+    },
+    /// Look up each selector of policies/senders.yaml in DNS and compare the
+    /// published key with the private key.
+    Check {
+        /// Check only this domain.
+        #[arg(long)]
+        domain: Option<String>,
     },
 }
 
@@ -83,6 +111,16 @@ fn main() -> ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|runtime| runtime.block_on(async { queue_cmd::list(&config, limit) })),
+        Command::Dkim {
+            command: DkimCommand::Keygen { domain, selector, algorithm },
+        } => dkim_cmd::keygen(&config, &domain, &selector, algorithm),
+        Command::Dkim {
+            command: DkimCommand::Check { domain },
+        } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|runtime| runtime.block_on(dkim_cmd::check(&config, domain.as_deref()))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub bytes_received: IntCounter,
     rejected: IntCounterVec,
     pub acceptance_seconds: Histogram,
+    /// Accepted messages by `result`: signed or unsigned.
+    pub dkim_messages: IntCounterVec,
     /// Recipient outcomes by `result`: delivered, deferred, bounced.
     pub delivery_results: IntCounterVec,
     /// Reply classes seen from MX hosts: 2xx, 4xx, 5xx, or `network`.
@@ -87,6 +89,14 @@ impl Metrics {
                     "Time from the end of message data to the 250 reply",
                 )
                 .buckets(latency_buckets.clone()),
+            )
+            .expect("valid metric"),
+            dkim_messages: IntCounterVec::new(
+                Opts::new(
+                    "baton_dkim_messages_total",
+                    "Accepted messages by DKIM result: signed or unsigned",
+                ),
+                &["result"],
             )
             .expect("valid metric"),
             delivery_results: IntCounterVec::new(
@@ -144,6 +154,7 @@ impl Metrics {
             Box::new(self.bytes_received.clone()),
             Box::new(self.rejected.clone()),
             Box::new(self.acceptance_seconds.clone()),
+            Box::new(self.dkim_messages.clone()),
             Box::new(self.delivery_results.clone()),
             Box::new(self.delivery_replies.clone()),
             Box::new(self.delivery_seconds.clone()),

@@ -18,12 +18,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Some(tls) => Some(crate::tls::server_acceptor(&tls.certificate, &tls.key).context("smtp.tls")?),
         None => None,
     };
+    let policy = Arc::new(
+        crate::policy::PolicyStore::load(config.policies.clone(), config.keys.clone())
+            .context("cannot load policies")?,
+    );
+    tokio::spawn(policy.clone().watch());
     let gateway = Arc::new(Gateway {
         scheduler: crate::scheduler::Scheduler::new(
             config.delivery.max_connections,
             config.delivery.max_connections_per_domain,
         ),
-        pipeline: crate::pipeline::Pipeline::new(config.hostname.clone()),
+        pipeline: crate::pipeline::Pipeline::new(config.hostname.clone(), policy),
         metrics: crate::metrics::Metrics::new(),
         tls_connector: crate::tls::opportunistic_connector(),
         tls_acceptor,

@@ -1,0 +1,108 @@
+//! Policies read from the `policies` and `keys` folders, as one snapshot
+//! that stages read without locking for long. A reload (SIGHUP or a change
+//! in either folder) builds a new snapshot and swaps it in; a snapshot that
+//! fails to load leaves the last good one in place and logs why.
+
+pub mod senders;
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::pipeline::dkim::DkimPolicy;
+
+/// Everything the pipeline reads from policy files, loaded together.
+pub struct Policy {
+    pub dkim: DkimPolicy,
+}
+
+pub struct PolicyStore {
+    policies: PathBuf,
+    keys: PathBuf,
+    current: RwLock<Arc<Policy>>,
+}
+
+impl PolicyStore {
+    /// Loads the policies; an error here stops the start.
+    pub fn load(policies: PathBuf, keys: PathBuf) -> anyhow::Result<PolicyStore> {
+        let policy = Self::read(&policies, &keys)?;
+        Ok(PolicyStore {
+            policies,
+            keys,
+            current: RwLock::new(Arc::new(policy)),
+        })
+    }
+
+    fn read(policies: &std::path::Path, keys: &std::path::Path) -> anyhow::Result<Policy> {
+        let dkim = DkimPolicy::load(policies, keys)?;
+        let (domains, selectors) = dkim.summary();
+        tracing::info!(domains, selectors, "DKIM policy loaded");
+        Ok(Policy { dkim })
+    }
+
+    pub fn current(&self) -> Arc<Policy> {
+        self.current.read().expect("policy lock").clone()
+    }
+
+    /// Reloads from disk; keeps the current policy when the new one fails.
+    pub fn reload(&self) -> bool {
+        match Self::read(&self.policies, &self.keys) {
+            Ok(policy) => {
+                *self.current.write().expect("policy lock") = Arc::new(policy);
+                tracing::info!("policies reloaded");
+                true
+            }
+            Err(error) => {
+                tracing::error!(error = %format!("{error:#}"), "policy reload failed; keeping the previous policies");
+                false
+            }
+        }
+    }
+
+    /// Reloads on SIGHUP and when a file in the policy or key folders
+    /// changes. Changes are gathered for half a second so an editor's
+    /// several writes cause one reload.
+    pub async fn watch(self: Arc<Self>) {
+        let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let watcher_sender = sender.clone();
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_ok_and(|e| !e.kind.is_access()) {
+                let _ = watcher_sender.send(());
+            }
+        });
+        let _watcher = match watcher {
+            Ok(mut watcher) => {
+                use notify::Watcher;
+                for folder in [&self.policies, &self.keys] {
+                    if let Err(error) = watcher.watch(folder, notify::RecursiveMode::Recursive) {
+                        tracing::warn!(folder = %folder.display(), %error, "cannot watch folder; reload with SIGHUP after changes");
+                    }
+                }
+                Some(watcher)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "file watching unavailable; reload with SIGHUP after changes");
+                None
+            }
+        };
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(signal) => Some(signal),
+            Err(error) => {
+                tracing::warn!(%error, "cannot handle SIGHUP");
+                None
+            }
+        };
+        loop {
+            tokio::select! {
+                Some(()) = receiver.recv() => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    while receiver.try_recv().is_ok() {}
+                }
+                Some(()) = async { match hangup.as_mut() { Some(signal) => signal.recv().await, None => std::future::pending().await } } => {
+                    tracing::info!("SIGHUP received");
+                }
+            }
+            self.reload();
+        }
+    }
+}
