@@ -23,6 +23,9 @@ pub struct Options {
     pub smtp_extra: String,
     /// Extra lines for the `delivery:` section, indented by four spaces.
     pub delivery_extra: String,
+    /// Folder to run in, prepared by the test (with `policies/` and
+    /// `keys/`); a new empty one when `None`.
+    pub folder: Option<tempfile::TempDir>,
 }
 
 impl Options {
@@ -35,6 +38,7 @@ impl Options {
             relay_networks: r#"["127.0.0.0/8", "::1/128"]"#,
             smtp_extra: String::new(),
             delivery_extra: String::new(),
+            folder: None,
         }
     }
 }
@@ -55,8 +59,11 @@ fn free_port() -> u16 {
 }
 
 impl Gateway {
-    pub async fn start(options: Options) -> Gateway {
-        let folder = tempfile::tempdir().expect("temporary folder");
+    pub async fn start(mut options: Options) -> Gateway {
+        let folder = match options.folder.take() {
+            Some(folder) => folder,
+            None => tempfile::tempdir().expect("temporary folder"),
+        };
         let smtp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config = format!(
@@ -155,6 +162,13 @@ keys: {keys}
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Sends `signal` (such as `-HUP`) to the process.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let status = Command::new("kill").arg(signal).arg(pid).status().expect("run kill");
+        assert!(status.success());
     }
 
     /// Sends SIGTERM and waits for the process to exit.
