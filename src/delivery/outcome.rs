@@ -84,7 +84,13 @@ pub async fn apply(
             line.next_attempt = Some(format_unix(record.next_attempt));
         }
         gateway.events.log(line);
-        tracing::info!(queue_id = %id, rcpt_domain = %record.domain, mx = info.mx.as_deref().unwrap_or("-"), result = event, reply = %reply.one_line(), "delivery attempt");
+        // The delivery log has every outcome; the process log only needs
+        // the failures at the default level.
+        if record.state == RcptState::Delivered {
+            tracing::debug!(queue_id = %id, rcpt_domain = %record.domain, mx = info.mx.as_deref().unwrap_or("-"), result = event, reply = %reply.one_line(), "delivery attempt");
+        } else {
+            tracing::info!(queue_id = %id, rcpt_domain = %record.domain, mx = info.mx.as_deref().unwrap_or("-"), result = event, reply = %reply.one_line(), "delivery attempt");
+        }
 
         if let Some(status) = status {
             let diagnostic = if status == "5.4.7" {
