@@ -49,6 +49,9 @@ pub struct Event {
     /// For `received`: the domain the message was DKIM-signed for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dkim_domain: Option<String>,
+    /// For `received`: the alignment verdict with its findings.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alignment: Option<serde_json::Value>,
     /// The message is a DSN made by this gateway.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub dsn: bool,
@@ -78,6 +81,7 @@ impl Event {
             next_attempt: None,
             received_at: format_unix(message.envelope.received_at),
             dkim_domain: None,
+            alignment: None,
             dsn: message.envelope.is_dsn,
         }
     }
@@ -106,6 +110,7 @@ impl Event {
             next_attempt: None,
             received_at: format_unix(envelope.received_at),
             dkim_domain: None,
+            alignment: None,
             dsn: envelope.is_dsn,
         }
     }

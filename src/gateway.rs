@@ -47,7 +47,7 @@ impl Gateway {
     pub async fn receive(self: &Arc<Self>, submission: Submission) -> Result<QueueId, Reply> {
         let started = Instant::now();
         let id = QueueId::generate();
-        let processed = self.pipeline.run(&id, &submission).inspect_err(|reply| {
+        let processed = self.pipeline.run(&id, &submission).await.inspect_err(|reply| {
             tracing::info!(queue_id = %id, client_ip = %submission.client_ip, reply = %reply.one_line(), "message rejected by the pipeline");
         })?;
         let data = processed.data;
@@ -91,6 +91,27 @@ impl Gateway {
         self.metrics.dkim_messages.with_label_values(&[signed]).inc();
         let mut event = Event::received(&message);
         event.dkim_domain = processed.signed_for;
+        if let Some(alignment) = &processed.alignment {
+            let result = match &alignment.report {
+                Some(report) if report.pass => "pass",
+                Some(_) => "fail",
+                None => "temperror",
+            };
+            self.metrics
+                .alignment_verdicts
+                .with_label_values(&[alignment.metric_domain.as_str(), result, alignment.mode.label()])
+                .inc();
+            if let Some(report) = &alignment.report
+                && !report.pass
+            {
+                tracing::warn!(queue_id = %id, from_domain = %report.from_domain, findings = %report.failure_text(), "message would fail DMARC; accepted in warn mode");
+            }
+            event.alignment = Some(serde_json::json!({
+                "mode": alignment.mode.label(),
+                "result": result,
+                "report": alignment.report,
+            }));
+        }
         self.events.log(event);
         self.queue_new(&message);
         Ok(id)

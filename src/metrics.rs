@@ -40,6 +40,8 @@ pub struct Metrics {
     pub acceptance_seconds: Histogram,
     /// Accepted messages by `result`: signed or unsigned.
     pub dkim_messages: IntCounterVec,
+    /// Alignment verdicts of accepted messages by `domain`, `result`, `mode`.
+    pub alignment_verdicts: IntCounterVec,
     /// Recipient outcomes by `result`: delivered, deferred, bounced.
     pub delivery_results: IntCounterVec,
     /// Reply classes seen from MX hosts: 2xx, 4xx, 5xx, or `network`.
@@ -99,6 +101,14 @@ impl Metrics {
                 &["result"],
             )
             .expect("valid metric"),
+            alignment_verdicts: IntCounterVec::new(
+                Opts::new(
+                    "baton_alignment_verdicts_total",
+                    "Alignment verdicts of accepted messages by sending domain (configured ones, else other), result and mode",
+                ),
+                &["domain", "result", "mode"],
+            )
+            .expect("valid metric"),
             delivery_results: IntCounterVec::new(
                 Opts::new(
                     "baton_delivery_recipients_total",
@@ -155,6 +165,7 @@ impl Metrics {
             Box::new(self.rejected.clone()),
             Box::new(self.acceptance_seconds.clone()),
             Box::new(self.dkim_messages.clone()),
+            Box::new(self.alignment_verdicts.clone()),
             Box::new(self.delivery_results.clone()),
             Box::new(self.delivery_replies.clone()),
             Box::new(self.delivery_seconds.clone()),

@@ -13,7 +13,8 @@ use crate::spool::Spool;
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let spool = Spool::open(&config.spool.path, config.spool.cache_size)?;
     let events = crate::events::EventLog::open(&config.spool.path)?;
-    let resolver = crate::dns::build(&config.dns)?;
+    let authenticator = crate::dns::build_authenticator(&config.dns)?;
+    let resolver = authenticator.resolver().clone();
     let tls_acceptor = match &config.smtp.tls {
         Some(tls) => Some(crate::tls::server_acceptor(&tls.certificate, &tls.key).context("smtp.tls")?),
         None => None,
@@ -28,7 +29,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.delivery.max_connections,
             config.delivery.max_connections_per_domain,
         ),
-        pipeline: crate::pipeline::Pipeline::new(config.hostname.clone(), policy),
+        pipeline: crate::pipeline::Pipeline::new(config.hostname.clone(), policy, authenticator),
         metrics: crate::metrics::Metrics::new(),
         tls_connector: crate::tls::opportunistic_connector(),
         tls_acceptor,

@@ -22,7 +22,7 @@ use mail_auth::signer::Ready;
 use rustls::pki_types::PrivateKeyDer;
 use rustls::pki_types::pem::PemObject;
 
-use crate::policy::senders::{Canon, Senders, Unsigned};
+use crate::policy::senders::{AlignmentMode, Canon, Senders, Unsigned};
 use crate::reply::Reply;
 
 /// Smallest RSA key that signs without a warning, in bits (RFC 8301 section 3.2).
@@ -186,6 +186,21 @@ impl DkimPolicy {
             domains,
             warned: Mutex::new(HashSet::new()),
         })
+    }
+
+    /// Returns the alignment mode for mail from `domain`: `off` without a
+    /// `senders.yaml`, so a first run makes no DNS queries for it.
+    pub fn alignment_mode(&self, domain: &str) -> AlignmentMode {
+        match &self.senders {
+            Some(senders) => senders.alignment_for(domain),
+            None => AlignmentMode::Off,
+        }
+    }
+
+    /// Returns `domain` if it is a configured signing domain, else `other`:
+    /// a bounded metric label.
+    pub fn metric_domain<'a>(&self, domain: &'a str) -> &'a str {
+        if self.domains.contains_key(domain) { domain } else { "other" }
     }
 
     /// Returns the number of signing domains and selectors, for logs.

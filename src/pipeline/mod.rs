@@ -6,23 +6,28 @@
 //! 1. routing to an outbound pool (not yet: every message uses the default pool);
 //! 2. the trace header ([`trace`]);
 //! 3. DKIM signing for the From domain ([`dkim`]);
-//! 4. the SPF/DMARC alignment verdict (not yet).
+//! 4. the SPF/DMARC alignment verdict ([`alignment`]).
 //!
 //! A stage returns the reply that rejects the message, or lets it pass.
 
+pub mod alignment;
 pub mod dkim;
 pub mod trace;
 
 use std::sync::Arc;
 
+use mail_auth::MessageAuthenticator;
+
 use crate::gateway::Submission;
 use crate::policy::PolicyStore;
+use crate::policy::senders::AlignmentMode;
 use crate::reply::Reply;
 use crate::spool::QueueId;
 
 pub struct Pipeline {
     hostname: String,
     policy: Arc<PolicyStore>,
+    authenticator: MessageAuthenticator,
 }
 
 /// What the pipeline made of a message.
@@ -31,15 +36,30 @@ pub struct Processed {
     pub data: Vec<u8>,
     /// Domain of the DKIM signatures added, if any.
     pub signed_for: Option<String>,
+    /// The alignment verdict, unless the check is off.
+    pub alignment: Option<Alignment>,
+}
+
+/// An alignment verdict with the mode it was made under.
+pub struct Alignment {
+    pub mode: AlignmentMode,
+    /// Configured sending domain, or `other`: the metric label.
+    pub metric_domain: String,
+    /// `None` when DNS failed in `warn` mode and the message was accepted.
+    pub report: Option<alignment::Report>,
 }
 
 impl Pipeline {
-    pub fn new(hostname: String, policy: Arc<PolicyStore>) -> Pipeline {
-        Pipeline { hostname, policy }
+    pub fn new(hostname: String, policy: Arc<PolicyStore>, authenticator: MessageAuthenticator) -> Pipeline {
+        Pipeline {
+            hostname,
+            policy,
+            authenticator,
+        }
     }
 
     /// Returns the bytes to store and send, or the reply that rejects the message.
-    pub fn run(&self, id: &QueueId, submission: &Submission) -> Result<Processed, Reply> {
+    pub async fn run(&self, id: &QueueId, submission: &Submission) -> Result<Processed, Reply> {
         let policy = self.policy.current();
         let from = from_domain(&submission.content);
         let signing = policy.dkim.sign(&submission.content, from.as_deref())?;
@@ -56,7 +76,53 @@ impl Pipeline {
             data.extend_from_slice(signature.as_bytes());
         }
         data.extend_from_slice(&submission.content);
-        Ok(Processed { data, signed_for })
+
+        let mode = from
+            .as_deref()
+            .map_or(policy.dkim.alignment_mode(""), |domain| policy.dkim.alignment_mode(domain));
+        if mode == AlignmentMode::Off {
+            return Ok(Processed {
+                data,
+                signed_for,
+                alignment: None,
+            });
+        }
+        let metric_domain = policy.dkim.metric_domain(from.as_deref().unwrap_or("")).to_string();
+        let input = alignment::CheckInput {
+            message: &data[received.len()..],
+            mail_from: &submission.sender,
+            helo: &self.hostname,
+            source_ips: &policy.source_ips,
+        };
+        let report = match alignment::check(&self.authenticator, &input).await {
+            Ok(report) => Some(report),
+            Err(error) if mode == AlignmentMode::Enforce => {
+                return Err(Reply::new(
+                    451,
+                    "4.4.3",
+                    format!("Alignment check could not complete ({error}); try again later"),
+                ));
+            }
+            Err(error) => {
+                tracing::warn!(queue_id = %id, %error, "alignment check incomplete; accepted in warn mode");
+                None
+            }
+        };
+        if mode == AlignmentMode::Enforce
+            && let Some(report) = &report
+            && !report.pass
+        {
+            return Err(Reply::new(550, "5.7.1", report.failure_text()));
+        }
+        Ok(Processed {
+            data,
+            signed_for,
+            alignment: Some(Alignment {
+                mode,
+                metric_domain,
+                report,
+            }),
+        })
     }
 }
 

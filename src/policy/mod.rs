@@ -3,9 +3,12 @@
 //! in either folder) builds a new snapshot and swaps it in; a snapshot that
 //! fails to load leaves the last good one in place and logs why.
 
+pub mod pools;
 pub mod senders;
 
 use std::path::PathBuf;
+
+use anyhow::Context;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -14,6 +17,9 @@ use crate::pipeline::dkim::DkimPolicy;
 /// Everything the pipeline reads from policy files, loaded together.
 pub struct Policy {
     pub dkim: DkimPolicy,
+    /// Source IPs from `pools.yaml`, for the SPF part of the alignment
+    /// check; empty without the file.
+    pub source_ips: Vec<std::net::IpAddr>,
 }
 
 pub struct PolicyStore {
@@ -37,7 +43,15 @@ impl PolicyStore {
         let dkim = DkimPolicy::load(policies, keys)?;
         let (domains, selectors) = dkim.summary();
         tracing::info!(domains, selectors, "DKIM policy loaded");
-        Ok(Policy { dkim })
+        let pools_path = policies.join("pools.yaml");
+        let source_ips = match std::fs::read_to_string(&pools_path) {
+            Ok(text) => pools::PoolsFile::parse(&text)
+                .with_context(|| format!("invalid {}", pools_path.display()))?
+                .source_ips(),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(error) => return Err(error).with_context(|| format!("cannot read {}", pools_path.display())),
+        };
+        Ok(Policy { dkim, source_ips })
     }
 
     pub fn current(&self) -> Arc<Policy> {

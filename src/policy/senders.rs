@@ -40,6 +40,30 @@ pub struct SenderDefaults {
     pub canonicalization: String,
     /// What to do with mail whose From domain has no key.
     pub unsigned: Unsigned,
+    /// SPF/DMARC alignment check for domains without their own setting.
+    pub alignment: AlignmentMode,
+}
+
+/// What the alignment check does with a message that would fail DMARC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlignmentMode {
+    /// Reject with `550 5.7.1`, naming the failing check and the fix.
+    Enforce,
+    /// Accept, and log and count the finding.
+    Warn,
+    /// Skip the check.
+    Off,
+}
+
+impl AlignmentMode {
+    pub fn label(self) -> &'static str {
+        match self {
+            AlignmentMode::Enforce => "enforce",
+            AlignmentMode::Warn => "warn",
+            AlignmentMode::Off => "off",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -60,6 +84,9 @@ pub struct SenderDomain {
     /// Signature lifetime, written as the `x=` tag; absent means none.
     #[serde(default, deserialize_with = "optional_duration")]
     pub expire_after: Option<Duration>,
+    /// Alignment check for this domain; absent means `defaults.alignment`.
+    #[serde(default)]
+    pub alignment: Option<AlignmentMode>,
 }
 
 impl Default for SenderDefaults {
@@ -83,6 +110,7 @@ impl Default for SenderDefaults {
             oversign: names(&["From", "Subject", "List-Unsubscribe", "List-Unsubscribe-Post"]),
             canonicalization: "relaxed/relaxed".to_string(),
             unsigned: Unsigned::Reject,
+            alignment: AlignmentMode::Warn,
         }
     }
 }
@@ -139,6 +167,17 @@ impl Senders {
         Ok((parse(header)?, parse(body)?))
     }
 
+    /// Returns the alignment mode for mail from `domain` (or its
+    /// organizational domain, when only that one is configured).
+    pub fn alignment_for(&self, domain: &str) -> AlignmentMode {
+        let organizational = psl::domain_str(domain).unwrap_or(domain);
+        self.domains
+            .get(domain)
+            .or_else(|| self.domains.get(organizational))
+            .and_then(|settings| settings.alignment)
+            .unwrap_or(self.defaults.alignment)
+    }
+
     /// Returns the header list for `h=`: the signed headers, then each
     /// oversigned header once more.
     pub fn signed_headers(&self) -> Vec<String> {
@@ -181,11 +220,21 @@ domains:
 "#;
         let senders = Senders::parse(text).unwrap();
         assert_eq!(senders.defaults.unsigned, Unsigned::Relay);
+        assert_eq!(senders.alignment_for("example.com"), AlignmentMode::Warn);
         assert_eq!(senders.canonicalization().unwrap(), (Canon::Relaxed, Canon::Simple));
         let domain = &senders.domains["example.com"];
         assert_eq!(domain.selectors, vec!["s2026r", "s2026e"]);
         assert_eq!(domain.expire_after, Some(Duration::from_secs(7 * 86400)));
         assert_eq!(senders.signed_headers(), vec!["From", "To", "Subject", "From"]);
+    }
+
+    #[test]
+    fn alignment_per_domain() {
+        let text = "defaults:\n  alignment: off\ndomains:\n  example.com:\n    selectors: [s]\n    alignment: enforce\n";
+        let senders = Senders::parse(text).unwrap();
+        assert_eq!(senders.alignment_for("example.com"), AlignmentMode::Enforce);
+        assert_eq!(senders.alignment_for("news.example.com"), AlignmentMode::Enforce);
+        assert_eq!(senders.alignment_for("other.example"), AlignmentMode::Off);
     }
 
     #[test]
