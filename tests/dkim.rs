@@ -5,66 +5,17 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::dns::TestDns;
 use common::gateway::{Client, Gateway, Options, send_message};
+use common::keys::{Prepared, keygen, prepare, write_senders};
 use common::loopback;
 use common::receiver::{Receiver, Script, free_port_on};
 
 const WAIT: Duration = Duration::from_secs(20);
 const BASE_ZONE: &str = "dest.example. MX 10 mx.dest.example.\nmx.dest.example. A 127.0.0.2\n";
-
-/// A folder with `keys/` made by `baton dkim keygen`, a `policies/`
-/// folder, and the zone lines that publish the keys.
-struct Prepared {
-    folder: tempfile::TempDir,
-    zone: String,
-}
-
-/// Runs `baton dkim keygen` for each `(domain, selector, algorithm)` and
-/// returns the TXT records it printed as zone lines.
-fn prepare(keys: &[(&str, &str, &str)]) -> Prepared {
-    let folder = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(folder.path().join("policies")).unwrap();
-    let mut zone = BASE_ZONE.to_string();
-    for (domain, selector, algorithm) in keys {
-        zone.push_str(&keygen(folder.path(), domain, selector, algorithm));
-        zone.push('\n');
-    }
-    Prepared { folder, zone }
-}
-
-fn keygen(folder: &Path, domain: &str, selector: &str, algorithm: &str) -> String {
-    let config = folder.join("keygen.yaml");
-    std::fs::write(&config, format!("keys: {}\n", folder.join("keys").display())).unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_baton"))
-        .args(["--config", config.to_str().unwrap(), "dkim", "keygen"])
-        .args(["--domain", domain, "--selector", selector, "--algorithm", algorithm])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(output.status.success(), "keygen failed: {}", String::from_utf8_lossy(&output.stderr));
-    let record = stdout
-        .lines()
-        .find(|line| line.contains("._domainkey."))
-        .unwrap_or_else(|| panic!("no TXT record in keygen output: {stdout}"));
-    zone_line_from(record)
-}
-
-/// Turns `sel._domainkey.d. IN TXT ( "a" "b" )` into the harness's zone syntax.
-fn zone_line_from(record: &str) -> String {
-    let name = record.split_whitespace().next().unwrap();
-    let strings: Vec<&str> = record.split('"').skip(1).step_by(2).collect();
-    let quoted: Vec<String> = strings.iter().map(|s| format!("\"{s}\"")).collect();
-    format!("{name} TXT {}", quoted.join(" "))
-}
-
-fn write_senders(folder: &Path, text: &str) {
-    std::fs::write(folder.join("policies/senders.yaml"), text).unwrap();
-}
 
 /// Verifies every signature with dkimpy; returns its report lines. The
 /// child runs asynchronously so this runtime's DNS server can answer it.
@@ -157,7 +108,7 @@ fn keygen_keeps_existing_key() {
 
 #[tokio::test]
 async fn relayed_mail_has_two_valid_signatures() {
-    let prepared = prepare(&[("src.example", "rsa1", "rsa-2048"), ("src.example", "ed1", "ed25519")]);
+    let prepared = prepare(BASE_ZONE, &[("src.example", "rsa1", "rsa-2048"), ("src.example", "ed1", "ed25519")]);
     write_senders(prepared.folder.path(), TWO_SELECTORS);
     let dns = TestDns::start(&prepared.zone).await;
     let port = free_port_on(&[loopback(2)]);
@@ -228,7 +179,7 @@ fn corpus() -> Vec<(&'static str, Vec<u8>)> {
 
 #[tokio::test]
 async fn corpus_verifies_with_dkimpy() {
-    let prepared = prepare(&[("src.example", "rsa1", "rsa-2048"), ("src.example", "ed1", "ed25519")]);
+    let prepared = prepare(BASE_ZONE, &[("src.example", "rsa1", "rsa-2048"), ("src.example", "ed1", "ed25519")]);
     write_senders(prepared.folder.path(), TWO_SELECTORS);
     let dns = TestDns::start(&prepared.zone).await;
     let port = free_port_on(&[loopback(2)]);
@@ -254,7 +205,7 @@ async fn corpus_verifies_with_dkimpy() {
 
 #[tokio::test]
 async fn body_without_final_crlf_verifies() {
-    let prepared = prepare(&[("src.example", "rsa1", "rsa-2048")]);
+    let prepared = prepare(BASE_ZONE, &[("src.example", "rsa1", "rsa-2048")]);
     write_senders(prepared.folder.path(), "domains:\n  src.example:\n    selectors: [rsa1]\n");
     let dns = TestDns::start(&prepared.zone).await;
     let port = free_port_on(&[loopback(2)]);
@@ -279,7 +230,7 @@ async fn body_without_final_crlf_verifies() {
 
 #[tokio::test]
 async fn unknown_sender_domain_rejected() {
-    let prepared = prepare(&[("src.example", "ed1", "ed25519")]);
+    let prepared = prepare(BASE_ZONE, &[("src.example", "ed1", "ed25519")]);
     write_senders(prepared.folder.path(), "domains:\n  src.example:\n    selectors: [ed1]\n");
     let dns = TestDns::start(&prepared.zone).await;
     let gateway = start(prepared, &dns, 25).await;
@@ -296,7 +247,7 @@ async fn unknown_sender_domain_rejected() {
 
 #[tokio::test]
 async fn unsigned_relay_policy_relays() {
-    let prepared = prepare(&[("src.example", "ed1", "ed25519")]);
+    let prepared = prepare(BASE_ZONE, &[("src.example", "ed1", "ed25519")]);
     write_senders(
         prepared.folder.path(),
         "defaults:\n  unsigned: relay\ndomains:\n  src.example:\n    selectors: [ed1]\n",
@@ -315,7 +266,7 @@ async fn unsigned_relay_policy_relays() {
 
 #[tokio::test]
 async fn subdomain_signed_by_organizational_domain() {
-    let prepared = prepare(&[("src.example", "ed1", "ed25519")]);
+    let prepared = prepare(BASE_ZONE, &[("src.example", "ed1", "ed25519")]);
     write_senders(prepared.folder.path(), "domains:\n  src.example:\n    selectors: [ed1]\n");
     let dns = TestDns::start(&prepared.zone).await;
     let port = free_port_on(&[loopback(2)]);
@@ -332,7 +283,7 @@ async fn subdomain_signed_by_organizational_domain() {
 
 #[tokio::test]
 async fn existing_signature_not_repeated() {
-    let prepared = prepare(&[("src.example", "ed1", "ed25519")]);
+    let prepared = prepare(BASE_ZONE, &[("src.example", "ed1", "ed25519")]);
     write_senders(prepared.folder.path(), "domains:\n  src.example:\n    selectors: [ed1]\n");
     let dns = TestDns::start(&prepared.zone).await;
     let port = free_port_on(&[loopback(2)]);
@@ -352,7 +303,7 @@ async fn existing_signature_not_repeated() {
 
 #[tokio::test]
 async fn dkim_check_reports_each_selector() {
-    let prepared = prepare(&[
+    let prepared = prepare(BASE_ZONE, &[
         ("src.example", "good", "ed25519"),
         ("src.example", "stale", "rsa-2048"),
         ("src.example", "unpublished", "ed25519"),
@@ -396,7 +347,7 @@ async fn dkim_check_reports_each_selector() {
 
 #[tokio::test]
 async fn readable_key_file_refused() {
-    let prepared = prepare(&[("src.example", "ed1", "ed25519")]);
+    let prepared = prepare(BASE_ZONE, &[("src.example", "ed1", "ed25519")]);
     write_senders(prepared.folder.path(), "domains:\n  src.example:\n    selectors: [ed1]\n");
     let key = prepared.folder.path().join("keys/src.example/ed1.pem");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -422,7 +373,7 @@ async fn readable_key_file_refused() {
 
 #[tokio::test]
 async fn senders_reloaded_on_sighup() {
-    let prepared = prepare(&[("src.example", "ed1", "ed25519"), ("other.example", "o1", "ed25519")]);
+    let prepared = prepare(BASE_ZONE, &[("src.example", "ed1", "ed25519"), ("other.example", "o1", "ed25519")]);
     write_senders(prepared.folder.path(), "domains:\n  src.example:\n    selectors: [ed1]\n");
     let folder = prepared.folder.path().to_path_buf();
     let dns = TestDns::start(&prepared.zone).await;

@@ -7,8 +7,10 @@
 //! - DKIM: the signatures are verified against the published keys, exactly
 //!   as a receiver would (a key record that does not match fails here).
 //! - SPF: the MAIL FROM domain's record is evaluated (mail-auth: include,
-//!   redirect, macros, lookup limits) for every source IP the message may
-//!   leave from.
+//!   redirect, macros, the 10-lookup limit) for every source IP the message
+//!   may leave from. NOTE: mail-auth 0.15.1 does not apply the void-lookup
+//!   limit (RFC 7208 section 4.6.4), so a record with more than two void
+//!   lookups before its match is still evaluated, not a permerror.
 //!
 //! Organizational domains come from the public suffix list (psl), never
 //! from string suffixes. A DNS failure is a temporary error, never a guess.
@@ -177,6 +179,11 @@ pub async fn check(authenticator: &MessageAuthenticator, input: &CheckInput<'_>)
             check: "spf",
             text: format!("MAIL FROM domain {spf_domain} is not aligned ({mode}) with From domain {from_domain}; use a bounce address under {from_domain}"),
         });
+    } else if count_spf_records(authenticator.resolver(), &spf_domain).await? > 1 {
+        findings.push(Finding {
+            check: "spf",
+            text: format!("{spf_domain} publishes several SPF records, which is a permerror (RFC 7208 section 4.5); merge them into one record"),
+        });
     } else {
         spf_aligned = true;
         for ip in input.source_ips {
@@ -296,6 +303,42 @@ fn single_from_domain(message: &[u8]) -> Result<String, String> {
     }
 }
 
+/// Counts the SPF records at `domain`. mail-auth 0.15 evaluates the first
+/// one when there are several, but RFC 7208 section 4.5 makes that a
+/// permerror, so the check counts them itself.
+// NOTE: only the MAIL FROM domain is counted; an included or redirected
+// domain with several records is still evaluated by its first one.
+async fn count_spf_records(resolver: &Resolver, domain: &str) -> Result<usize, String> {
+    let name = format!("{}.", domain.trim_end_matches('.'));
+    match resolver.txt_lookup(name.as_str()).await {
+        Ok(lookup) => Ok(txt_strings(lookup.answers())
+            .iter()
+            .filter(|text| {
+                let lower = text.to_ascii_lowercase();
+                lower == "v=spf1" || lower.starts_with("v=spf1 ")
+            })
+            .count()),
+        Err(error) if error.is_nx_domain() || error.is_no_records_found() => Ok(0),
+        Err(error) => Err(format!("DNS lookup of the SPF record of {domain} failed: {error}")),
+    }
+}
+
+/// Returns each TXT record's text, its character-strings concatenated.
+fn txt_strings(records: &[hickory_resolver::proto::rr::Record]) -> Vec<String> {
+    records
+        .iter()
+        .filter_map(|record| match &record.data {
+            hickory_resolver::proto::rr::RData::TXT(txt) => Some(
+                txt.txt_data
+                    .iter()
+                    .map(|part| String::from_utf8_lossy(part).into_owned())
+                    .collect::<String>(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Looks up the DMARC record at `_dmarc.<from>`, then at the organizational
 /// domain (RFC 7489 section 6.6.3). NXDOMAIN or no record means none.
 async fn lookup_dmarc(resolver: &Resolver, from_domain: &str, from_org: &str) -> Result<Option<DmarcRecord>, String> {
@@ -310,18 +353,8 @@ async fn lookup_dmarc(resolver: &Resolver, from_domain: &str, from_org: &str) ->
             Err(error) if error.is_nx_domain() || error.is_no_records_found() => continue,
             Err(error) => return Err(format!("DNS lookup of {name} failed: {error}")),
         };
-        let records: Vec<String> = lookup
-            .answers()
-            .iter()
-            .filter_map(|record| match &record.data {
-                hickory_resolver::proto::rr::RData::TXT(txt) => Some(
-                    txt.txt_data
-                        .iter()
-                        .map(|part| String::from_utf8_lossy(part).into_owned())
-                        .collect::<String>(),
-                ),
-                _ => None,
-            })
+        let records: Vec<String> = txt_strings(lookup.answers())
+            .into_iter()
             .filter(|text| text.trim_start().starts_with("v=DMARC1"))
             .collect();
         // Several DMARC records mean none applies (RFC 7489 section 6.6.3).

@@ -4,6 +4,7 @@
 
 pub mod dns;
 pub mod gateway;
+pub mod keys;
 pub mod receiver;
 
 use std::net::{IpAddr, Ipv4Addr};
