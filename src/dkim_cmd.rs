@@ -154,7 +154,7 @@ pub async fn check(config: &Config, only_domain: Option<&str>) -> anyhow::Result
     Ok(())
 }
 
-async fn lookup_status(resolver: &crate::dns::Resolver, name: &str, key: &PrivateKey) -> KeyStatus {
+pub async fn lookup_status(resolver: &crate::dns::Resolver, name: &str, key: &PrivateKey) -> KeyStatus {
     let lookup = match resolver.lookup(format!("{name}.").as_str(), RecordType::TXT).await {
         Ok(lookup) => lookup,
         Err(error) if error.is_nx_domain() || error.is_no_records_found() => return KeyStatus::Missing,

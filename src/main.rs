@@ -4,6 +4,7 @@ mod config;
 mod delivery;
 mod dkim_cmd;
 mod dns;
+mod dns_cmd;
 mod events;
 mod gateway;
 mod http;
@@ -42,10 +43,27 @@ enum Command {
         #[command(subcommand)]
         command: QueueCommand,
     },
+    /// Check the DNS records of every sending domain and source IP.
+    Dns {
+        #[command(subcommand)]
+        command: DnsCommand,
+    },
     /// Make DKIM keys and check their DNS records.
     Dkim {
         #[command(subcommand)]
         command: DkimCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DnsCommand {
+    /// Print the SPF, DKIM and DMARC records to publish for each domain of
+    /// policies/senders.yaml next to what DNS has, and check each source
+    /// IP's PTR record. Exits non-zero when something must be fixed.
+    Check {
+        /// Check only this domain.
+        #[arg(long)]
+        domain: Option<String>,
     },
 }
 
@@ -112,6 +130,13 @@ fn main() -> ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|runtime| runtime.block_on(async { queue_cmd::list(&config, limit) })),
+        Command::Dns {
+            command: DnsCommand::Check { domain },
+        } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|runtime| runtime.block_on(dns_cmd::check(&config, domain.as_deref()))),
         Command::Dkim {
             command: DkimCommand::Keygen { domain, selector, algorithm },
         } => dkim_cmd::keygen(&config, &domain, &selector, algorithm),

@@ -278,3 +278,79 @@ async fn subdomain_policy_reported() {
     let event = setup.gateway.wait_for_event("received", "user@dest.example", Duration::from_secs(5)).await;
     assert_eq!(event["alignment"]["report"]["policy"], "none", "sp= applies to a subdomain: {event}");
 }
+
+const DNS_CHECK_ZONE: &str = r#"
+good.example.                     TXT "v=spf1 ip4:192.0.2.10 -all"
+_dmarc.good.example.              TXT "v=DMARC1; p=reject"
+bad.example.                      TXT "v=spf1 ip4:198.51.100.7 -all"
+10.2.0.192.in-addr.arpa.          PTR t1.mta.test.example.
+t1.mta.test.example.              A 192.0.2.10
+11.2.0.192.in-addr.arpa.          PTR elsewhere.test.example.
+elsewhere.test.example.           A 198.51.100.9
+"#;
+
+/// Runs `baton dns check` with a config for the prepared folder.
+async fn dns_check(folder: &std::path::Path, dns: &TestDns, args: &[&str]) -> (bool, String) {
+    let config = folder.join("check.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "hostname: mta.test.example\ndns:\n  nameservers: [\"{}\"]\npolicies: {}\nkeys: {}\n",
+            dns.addr,
+            folder.join("policies").display(),
+            folder.join("keys").display()
+        ),
+    )
+    .unwrap();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["--config", config.to_str().unwrap(), "dns", "check"])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    (output.status.success(), text)
+}
+
+#[tokio::test]
+async fn dns_check_correct_and_broken_domains() {
+    let prepared = prepare(DNS_CHECK_ZONE, &[("good.example", "k1", "ed25519"), ("bad.example", "k1", "ed25519")]);
+    let other = tempfile::tempdir().unwrap();
+    let wrong = common::keys::keygen(other.path(), "bad.example", "k1", "ed25519");
+    let zone: String = prepared
+        .zone
+        .lines()
+        .filter(|line| !line.starts_with("k1._domainkey.bad.example."))
+        .map(|line| format!("{line}\n"))
+        .collect::<String>()
+        + &wrong
+        + "\n";
+    write_senders(
+        prepared.folder.path(),
+        "domains:\n  good.example:\n    selectors: [k1]\n  bad.example:\n    selectors: [k1]\n",
+    );
+    let pools = prepared.folder.path().join("policies/pools.yaml");
+    std::fs::write(&pools, "pools:\n  p:\n    sources:\n      - { ip: 192.0.2.10, ehlo: t1.mta.test.example }\n").unwrap();
+    let dns = TestDns::start(&zone).await;
+    let folder = prepared.folder.path();
+
+    let (ok, text) = dns_check(folder, &dns, &["--domain", "good.example"]).await;
+    assert!(ok, "{text}");
+    assert!(text.contains("  SPF    ok        allows every source IP (ip4:192.0.2.10)"), "{text}");
+    assert!(text.contains("  DKIM   ok        k1._domainkey.good.example"), "{text}");
+    assert!(text.contains("  DMARC  ok        p=reject at _dmarc.good.example"), "{text}");
+    assert!(text.contains("  PTR    ok        t1.mta.test.example"), "{text}");
+
+    let (ok, text) = dns_check(folder, &dns, &["--domain", "bad.example"]).await;
+    assert!(!ok, "{text}");
+    assert!(text.contains("  SPF    mismatch  does not allow 192.0.2.10 (fail); add ip4:192.0.2.10 or publish: v=spf1 ip4:192.0.2.10 -all"), "{text}");
+    assert!(text.contains("  DKIM   mismatch  k1._domainkey.bad.example publishes another key"), "{text}");
+    assert!(text.contains("  DMARC  missing   publish at _dmarc.bad.example: v=DMARC1; p=none"), "{text}");
+    assert!(text.contains("3 problems to fix"), "{text}");
+
+    // A source whose PTR name points elsewhere and differs from its EHLO name.
+    std::fs::write(&pools, "pools:\n  p:\n    sources:\n      - { ip: 192.0.2.11, ehlo: t2.mta.test.example }\n").unwrap();
+    let (ok, text) = dns_check(folder, &dns, &["--domain", "good.example"]).await;
+    assert!(!ok, "{text}");
+    assert!(text.contains("  PTR    mismatch  elsewhere.test.example does not resolve back to 192.0.2.11"), "{text}");
+}

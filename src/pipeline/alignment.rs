@@ -241,7 +241,7 @@ pub async fn check(authenticator: &MessageAuthenticator, input: &CheckInput<'_>)
     })
 }
 
-fn spf_result_name(result: SpfResult) -> &'static str {
+pub fn spf_result_name(result: SpfResult) -> &'static str {
     match result {
         SpfResult::Pass => "pass",
         SpfResult::Fail => "fail",
@@ -308,7 +308,7 @@ fn single_from_domain(message: &[u8]) -> Result<String, String> {
 /// permerror, so the check counts them itself.
 // NOTE: only the MAIL FROM domain is counted; an included or redirected
 // domain with several records is still evaluated by its first one.
-async fn count_spf_records(resolver: &Resolver, domain: &str) -> Result<usize, String> {
+pub async fn count_spf_records(resolver: &Resolver, domain: &str) -> Result<usize, String> {
     let name = format!("{}.", domain.trim_end_matches('.'));
     match resolver.txt_lookup(name.as_str()).await {
         Ok(lookup) => Ok(txt_strings(lookup.answers())
@@ -341,7 +341,7 @@ fn txt_strings(records: &[hickory_resolver::proto::rr::Record]) -> Vec<String> {
 
 /// Looks up the DMARC record at `_dmarc.<from>`, then at the organizational
 /// domain (RFC 7489 section 6.6.3). NXDOMAIN or no record means none.
-async fn lookup_dmarc(resolver: &Resolver, from_domain: &str, from_org: &str) -> Result<Option<DmarcRecord>, String> {
+pub async fn lookup_dmarc(resolver: &Resolver, from_domain: &str, from_org: &str) -> Result<Option<DmarcRecord>, String> {
     let mut candidates = vec![from_domain.to_string()];
     if from_org != from_domain {
         candidates.push(from_org.to_string());

@@ -22,6 +22,9 @@ pub struct Pool {
 #[derive(Debug, Clone, Deserialize)]
 pub struct Source {
     pub ip: IpAddr,
+    /// EHLO name the source greets with; its PTR name should match it.
+    #[serde(default)]
+    pub ehlo: Option<String>,
 }
 
 impl PoolsFile {
@@ -30,6 +33,17 @@ impl PoolsFile {
             return Ok(PoolsFile::default());
         }
         Ok(serde_norway::from_str(text)?)
+    }
+
+    /// Returns every source, in pool order, without duplicate IPs.
+    pub fn sources(&self) -> Vec<Source> {
+        let mut seen = std::collections::HashSet::new();
+        self.pools
+            .values()
+            .flat_map(|pool| pool.sources.iter())
+            .filter(|source| seen.insert(source.ip))
+            .cloned()
+            .collect()
     }
 
     /// Returns every source IP of every pool, without duplicates.

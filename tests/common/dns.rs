@@ -1,7 +1,7 @@
 //! Authoritative DNS server for test zones, on UDP and TCP at 127.0.0.1.
 //!
 //! Zone text has one record per line: `NAME TYPE DATA`. Types: A, AAAA, MX,
-//! TXT, CNAME, and the pseudo-type SERVFAIL (every query for that name gets
+//! TXT, CNAME, PTR, and the pseudo-type SERVFAIL (every query for that name gets
 //! SERVFAIL). An optional `IN` class token after the name is skipped. All
 //! records have TTL 60. Names are case-insensitive; a missing final dot is
 //! added. Blank lines and `#` comments are ignored.
@@ -18,7 +18,7 @@ use hickory_resolver::config::{
 };
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
-use hickory_resolver::proto::rr::rdata::{A, AAAA, CNAME, MX, SOA, TXT};
+use hickory_resolver::proto::rr::rdata::{A, AAAA, CNAME, MX, PTR, SOA, TXT};
 use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -89,6 +89,14 @@ impl Zone {
                     };
                     RData::CNAME(CNAME(
                         parse_name(target).unwrap_or_else(|| fail("bad CNAME target")),
+                    ))
+                }
+                "PTR" => {
+                    let [target] = args[..] else {
+                        fail("PTR needs one target")
+                    };
+                    RData::PTR(PTR(
+                        parse_name(target).unwrap_or_else(|| fail("bad PTR target")),
                     ))
                 }
                 "TXT" => {
