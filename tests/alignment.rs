@@ -64,6 +64,7 @@ defaults:
 domains:
   signed.example:
     selectors: [k1]
+    require_one_click_unsubscribe: true
   wrongkey.example:
     selectors: [k1]
   warned.example:
@@ -111,6 +112,11 @@ async fn setup() -> Setup {
 
 /// Sends one message and returns the reply after the data.
 async fn submit(gateway: &Gateway, mail_from: &str, from_header: &str) -> String {
+    submit_with(gateway, mail_from, from_header, "").await
+}
+
+/// Sends one message with extra header lines and returns the final reply.
+async fn submit_with(gateway: &Gateway, mail_from: &str, from_header: &str, extra_headers: &str) -> String {
     let (mut client, _) = Client::connect(gateway.smtp).await;
     client.command("EHLO client.test.example").await;
     let mail = client.command(&format!("MAIL FROM:<{mail_from}>")).await;
@@ -118,7 +124,7 @@ async fn submit(gateway: &Gateway, mail_from: &str, from_header: &str) -> String
     client.command("RCPT TO:<user@dest.example>").await;
     client.command("DATA").await;
     client
-        .write(format!("From: {from_header}\r\nTo: <user@dest.example>\r\nSubject: alignment\r\n\r\nbody\r\n.\r\n").as_bytes())
+        .write(format!("From: {from_header}\r\nTo: <user@dest.example>\r\nSubject: alignment\r\n{extra_headers}\r\nbody\r\n.\r\n").as_bytes())
         .await;
     client.read_reply().await
 }
@@ -353,4 +359,17 @@ async fn dns_check_correct_and_broken_domains() {
     let (ok, text) = dns_check(folder, &dns, &["--domain", "good.example"]).await;
     assert!(!ok, "{text}");
     assert!(text.contains("  PTR    mismatch  elsewhere.test.example does not resolve back to 192.0.2.11"), "{text}");
+}
+
+#[tokio::test]
+async fn bulk_mail_needs_one_click_unsubscribe() {
+    let setup = setup().await;
+    let reply = submit_with(&setup.gateway, "bounce@signed.example", "<news@signed.example>", "Precedence: bulk\r\n").await;
+    assert!(
+        reply.starts_with("550 5.7.1 Bulk mail from signed.example must offer one-click unsubscribe (RFC 8058)"),
+        "{reply}"
+    );
+    let headers = "X-Baton-Stream: marketing\r\nList-Unsubscribe: <https://signed.example/u/1>\r\nList-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n";
+    let reply = submit_with(&setup.gateway, "bounce@signed.example", "<news@signed.example>", headers).await;
+    assert!(reply.starts_with("250"), "{reply}");
 }

@@ -197,6 +197,18 @@ impl DkimPolicy {
         }
     }
 
+    /// Returns whether bulk mail from `domain` must offer one-click
+    /// unsubscribe, and whether the signature covers both headers.
+    pub fn one_click_rule(&self, domain: &str) -> Option<bool> {
+        let senders = self.senders.as_ref()?;
+        if !senders.one_click_required(domain) {
+            return None;
+        }
+        let signed = senders.signed_headers();
+        let covers = |name: &str| signed.iter().any(|h| h.eq_ignore_ascii_case(name));
+        Some(covers("List-Unsubscribe") && covers("List-Unsubscribe-Post"))
+    }
+
     /// Returns `domain` if it is a configured signing domain, else `other`:
     /// a bounded metric label.
     pub fn metric_domain<'a>(&self, domain: &'a str) -> &'a str {

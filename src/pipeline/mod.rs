@@ -6,13 +6,15 @@
 //! 1. routing to an outbound pool (not yet: every message uses the default pool);
 //! 2. the trace header ([`trace`]);
 //! 3. DKIM signing for the From domain ([`dkim`]);
-//! 4. the SPF/DMARC alignment verdict ([`alignment`]).
+//! 4. the one-click unsubscribe rule for bulk mail ([`unsubscribe`]);
+//! 5. the SPF/DMARC alignment verdict ([`alignment`]).
 //!
 //! A stage returns the reply that rejects the message, or lets it pass.
 
 pub mod alignment;
 pub mod dkim;
 pub mod trace;
+pub mod unsubscribe;
 
 use std::sync::Arc;
 
@@ -63,6 +65,12 @@ impl Pipeline {
         let policy = self.policy.current();
         let from = from_domain(&submission.content);
         let signing = policy.dkim.sign(&submission.content, from.as_deref())?;
+        if let Some(domain) = from.as_deref()
+            && let Some(headers_signed) = policy.dkim.one_click_rule(domain)
+        {
+            let signed = matches!(&signing, dkim::Signing::Signed { headers, .. } if !headers.is_empty());
+            unsubscribe::check(&submission.content, domain, signed && headers_signed)?;
+        }
 
         let received = trace::received_header(&self.hostname, id, submission);
         let (signatures, signed_for) = match signing {

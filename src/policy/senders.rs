@@ -42,6 +42,8 @@ pub struct SenderDefaults {
     pub unsigned: Unsigned,
     /// SPF/DMARC alignment check for domains without their own setting.
     pub alignment: AlignmentMode,
+    /// Bulk mail must offer one-click unsubscribe (RFC 8058).
+    pub require_one_click_unsubscribe: bool,
 }
 
 /// What the alignment check does with a message that would fail DMARC.
@@ -87,6 +89,9 @@ pub struct SenderDomain {
     /// Alignment check for this domain; absent means `defaults.alignment`.
     #[serde(default)]
     pub alignment: Option<AlignmentMode>,
+    /// One-click unsubscribe for bulk mail; absent means the default.
+    #[serde(default)]
+    pub require_one_click_unsubscribe: Option<bool>,
 }
 
 impl Default for SenderDefaults {
@@ -111,6 +116,7 @@ impl Default for SenderDefaults {
             canonicalization: "relaxed/relaxed".to_string(),
             unsigned: Unsigned::Reject,
             alignment: AlignmentMode::Warn,
+            require_one_click_unsubscribe: false,
         }
     }
 }
@@ -176,6 +182,17 @@ impl Senders {
             .or_else(|| self.domains.get(organizational))
             .and_then(|settings| settings.alignment)
             .unwrap_or(self.defaults.alignment)
+    }
+
+    /// Returns whether bulk mail from `domain` must offer one-click
+    /// unsubscribe.
+    pub fn one_click_required(&self, domain: &str) -> bool {
+        let organizational = psl::domain_str(domain).unwrap_or(domain);
+        self.domains
+            .get(domain)
+            .or_else(|| self.domains.get(organizational))
+            .and_then(|settings| settings.require_one_click_unsubscribe)
+            .unwrap_or(self.defaults.require_one_click_unsubscribe)
     }
 
     /// Returns the header list for `h=`: the signed headers, then each
