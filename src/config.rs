@@ -113,12 +113,9 @@ pub struct DeliveryConfig {
     /// Wait for the reply after the message data (RFC 5321 4.5.3.2.6: 10 minutes).
     #[serde(deserialize_with = "duration")]
     pub data_timeout: Duration,
-    /// Most outbound connections in all.
+    /// Most outbound connections in all. Limits per receiving site are in
+    /// `policies/shaping.yaml`.
     pub max_connections: usize,
-    /// Most outbound connections per recipient domain.
-    pub max_connections_per_domain: usize,
-    /// Messages sent over one connection before it is closed.
-    pub max_messages_per_connection: usize,
     /// Fixed next hops by recipient domain, bypassing MX lookup: a value is
     /// `host` or `host:port`, where host is a name or an IP address.
     pub routes: BTreeMap<String, String>,
@@ -188,8 +185,6 @@ impl Default for DeliveryConfig {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(600),
             max_connections: 500,
-            max_connections_per_domain: 20,
-            max_messages_per_connection: 100,
             routes: BTreeMap::new(),
         }
     }
@@ -233,11 +228,8 @@ impl Config {
         if self.delivery.retry.iter().any(Duration::is_zero) {
             bail!("delivery.retry contains 0s; every wait must be at least 1s");
         }
-        if self.delivery.max_connections == 0 || self.delivery.max_connections_per_domain == 0 {
-            bail!("delivery.max_connections and delivery.max_connections_per_domain must be at least 1");
-        }
-        if self.delivery.max_messages_per_connection == 0 {
-            bail!("delivery.max_messages_per_connection must be at least 1");
+        if self.delivery.max_connections == 0 {
+            bail!("delivery.max_connections must be at least 1");
         }
         if self.smtp.max_command_line < 512 {
             bail!(

@@ -18,6 +18,7 @@ pub struct Gateway {
     pub config: Config,
     pub spool: Spool,
     pub pipeline: Pipeline,
+    pub policy: Arc<crate::policy::PolicyStore>,
     pub scheduler: Scheduler,
     pub events: EventLog,
     pub metrics: Metrics,

@@ -27,6 +27,9 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
         .metrics
         .spool_bytes
         .set(gateway.spool.size_on_disk() as i64);
+    let (backoff, suspended) = gateway.scheduler.throttles.counts();
+    gateway.metrics.sites_throttled.with_label_values(&["backoff"]).set(backoff as i64);
+    gateway.metrics.sites_throttled.with_label_values(&["suspended"]).set(suspended as i64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         gateway.metrics.render(),

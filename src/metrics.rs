@@ -48,6 +48,12 @@ pub struct Metrics {
     pub delivery_replies: IntCounterVec,
     pub delivery_seconds: Histogram,
     pub outbound_connections: IntGauge,
+    /// Backoff, suspension and bounce rule matches by `site`, `rule`, `action`.
+    pub shaping_transitions: IntCounterVec,
+    /// Time deliveries waited on a site's rate limits, by `limit`.
+    pub shaping_wait_seconds: prometheus::HistogramVec,
+    /// Sites now in backoff and in suspension, by `state`.
+    pub sites_throttled: prometheus::IntGaugeVec,
     pub queued_messages: IntGauge,
     pub spool_bytes: IntGauge,
     pub dsn_sent: IntCounter,
@@ -133,6 +139,28 @@ impl Metrics {
                 .buckets(latency_buckets),
             )
             .expect("valid metric"),
+            shaping_transitions: IntCounterVec::new(
+                Opts::new(
+                    "baton_shaping_transitions_total",
+                    "Response rule matches by site (providers and configured domains, else other), rule and action",
+                ),
+                &["site", "rule", "action"],
+            )
+            .expect("valid metric"),
+            shaping_wait_seconds: prometheus::HistogramVec::new(
+                HistogramOpts::new(
+                    "baton_shaping_wait_seconds",
+                    "Time a delivery waited on a site's message or connection rate",
+                )
+                .buckets(vec![0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0]),
+                &["limit"],
+            )
+            .expect("valid metric"),
+            sites_throttled: prometheus::IntGaugeVec::new(
+                Opts::new("baton_sites_throttled", "Sites now in backoff or suspension, by state"),
+                &["state"],
+            )
+            .expect("valid metric"),
             outbound_connections: IntGauge::new(
                 "baton_outbound_connections",
                 "Delivery connections now open",
@@ -170,6 +198,9 @@ impl Metrics {
             Box::new(self.delivery_replies.clone()),
             Box::new(self.delivery_seconds.clone()),
             Box::new(self.outbound_connections.clone()),
+            Box::new(self.shaping_transitions.clone()),
+            Box::new(self.shaping_wait_seconds.clone()),
+            Box::new(self.sites_throttled.clone()),
             Box::new(self.queued_messages.clone()),
             Box::new(self.spool_bytes.clone()),
             Box::new(self.dsn_sent.clone()),

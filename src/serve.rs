@@ -25,11 +25,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     tokio::spawn(policy.clone().watch());
     let gateway = Arc::new(Gateway {
-        scheduler: crate::scheduler::Scheduler::new(
-            config.delivery.max_connections,
-            config.delivery.max_connections_per_domain,
-        ),
-        pipeline: crate::pipeline::Pipeline::new(config.hostname.clone(), policy, authenticator),
+        scheduler: crate::scheduler::Scheduler::new(config.delivery.max_connections),
+        pipeline: crate::pipeline::Pipeline::new(config.hostname.clone(), policy.clone(), authenticator),
+        policy,
         metrics: crate::metrics::Metrics::new(),
         tls_connector: crate::tls::opportunistic_connector(),
         tls_acceptor,

@@ -335,8 +335,11 @@ async fn connection_reused_for_queued_messages() {
     let dns = TestDns::start(ZONE).await;
     let port = free_port_on(&[loopback(2)]);
     let dest = Receiver::start(loopback(2), port, Script::new()).await.unwrap();
+    let folder = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(folder.path().join("policies")).unwrap();
+    std::fs::write(folder.path().join("policies/shaping.yaml"), "default:\n  max_connections: 1\n  max_message_rate: 100/s\n").unwrap();
     let mut options = Options::new(dns.addr, port);
-    options.delivery_extra = "    max_connections_per_domain: 1".to_string();
+    options.folder = Some(folder);
     let gateway = Gateway::start(options).await;
 
     let (mut client, _) = Client::connect(gateway.smtp).await;

@@ -17,6 +17,8 @@ use client::{Client, Envelope, Failure, Timeouts};
 use mx::{RouteError, Target};
 
 use crate::events::AttemptInfo;
+use crate::policy::shaping::Action;
+use crate::scheduler::throttle::SiteView;
 use crate::gateway::Gateway;
 use crate::intake::address::smtp_path;
 use crate::reply::Reply;
@@ -24,25 +26,41 @@ use crate::spool::record::unix_now;
 use crate::spool::{QueueId, RecipientRecord};
 
 /// Runs one delivery connection for `domain` until its ready queue is empty.
-pub async fn run_connection(gateway: Arc<Gateway>, domain: String) {
+/// `site` is set when the scheduler already counted the connection at the
+/// domain's site; otherwise the connection finds the site first.
+pub async fn run_connection(gateway: Arc<Gateway>, domain: String, site: Option<String>) {
     let mut worker = Worker {
         gateway: gateway.clone(),
         domain: domain.clone(),
         targets: None,
         client: None,
+        site,
     };
     while let Some(id) = gateway.scheduler.next_job(&domain) {
-        if let Err(error) = worker.deliver(&id).await {
-            // The spool could not be read or written. Try the job again
-            // later rather than forget it.
-            tracing::error!(queue_id = %id, rcpt_domain = %domain, error = %format!("{error:#}"), "delivery failed on a spool error; retrying in 60s");
-            gateway
-                .scheduler
-                .schedule(&gateway, id, domain.clone(), unix_now() + 60);
+        match worker.deliver(&id).await {
+            Ok(Flow::Continue) => {}
+            Ok(Flow::Stop) => break,
+            Err(error) => {
+                // The spool could not be read or written. Try the job again
+                // later rather than forget it.
+                tracing::error!(queue_id = %id, rcpt_domain = %domain, error = %format!("{error:#}"), "delivery failed on a spool error; retrying in 60s");
+                gateway
+                    .scheduler
+                    .schedule(&gateway, id, domain.clone(), unix_now() + 60);
+            }
         }
     }
     worker.close().await;
-    gateway.scheduler.connection_closed(&gateway, &domain);
+    gateway
+        .scheduler
+        .connection_closed(&gateway, &domain, worker.site.as_deref());
+}
+
+/// Whether a connection goes on to the next job.
+enum Flow {
+    Continue,
+    /// The site is at its connection cap: this connection ends.
+    Stop,
 }
 
 struct Worker {
@@ -51,13 +69,15 @@ struct Worker {
     /// Resolved once per connection task; hickory caches by TTL across tasks.
     targets: Option<Result<Vec<Target>, RouteError>>,
     client: Option<Client>,
+    /// The receiving site this connection is counted at.
+    site: Option<String>,
 }
 
 impl Worker {
-    async fn deliver(&mut self, id: &QueueId) -> anyhow::Result<()> {
+    async fn deliver(&mut self, id: &QueueId) -> anyhow::Result<Flow> {
         let spool = &self.gateway.spool;
         let Some(message) = spool.load(id)? else {
-            return Ok(());
+            return Ok(Flow::Continue);
         };
         let now = unix_now();
         let due: Vec<(u32, RecipientRecord)> = message
@@ -66,30 +86,118 @@ impl Worker {
             .filter(|(_, r)| r.domain == self.domain && r.state.is_pending() && r.next_attempt <= now)
             .collect();
         if due.is_empty() {
-            return Ok(());
+            return Ok(Flow::Continue);
         }
         let Some(data) = spool.message_data(id)? else {
             anyhow::bail!("message data missing from the spool");
         };
 
-        let (replies, info) = match self.targets().await {
-            Ok(targets) => self.attempt(&message.envelope, &due, &data, &targets).await,
+        let policy = self.gateway.policy.current();
+        let targets = self.targets().await;
+        let mut view = None;
+        if let Ok(targets) = &targets {
+            let site = match &self.site {
+                Some(site) => site.clone(),
+                None => {
+                    let hosts: Vec<String> = targets.iter().map(|t| t.mx.clone()).collect();
+                    let site = policy.shaping.site_for(&self.domain, &hosts);
+                    self.gateway.scheduler.throttles.remember_site(&self.domain, &site);
+                    let cap = self.gateway.scheduler.throttles.view(&site, &policy.shaping).limits.connection_cap();
+                    if !self.gateway.scheduler.enter_site(&site, cap) {
+                        self.gateway.scheduler.requeue_front(&self.domain, id.clone());
+                        return Ok(Flow::Stop);
+                    }
+                    self.site = Some(site.clone());
+                    site
+                }
+            };
+            let current = self.gateway.scheduler.throttles.view(&site, &policy.shaping);
+            if let Some(until) = current.suspended_until {
+                self.gateway
+                    .scheduler
+                    .schedule(&self.gateway, id.clone(), self.domain.clone(), until);
+                return Ok(Flow::Continue);
+            }
+            view = Some((site, current));
+        }
+
+        let (mut replies, info) = match &targets {
+            Ok(targets) => {
+                let (site, current) = view.as_ref().expect("set for resolved targets");
+                self.attempt(&message.envelope, &due, &data, targets, site, current).await
+            }
             Err(RouteError::Permanent(reply)) | Err(RouteError::Temporary(reply)) => {
                 let replies = due.iter().map(|_| (reply.clone(), false)).collect();
                 (replies, AttemptInfo::default())
             }
         };
+
+        let mut bounce = vec![false; replies.len()];
+        let mut flow = Flow::Continue;
+        if let Some((site, _)) = &view {
+            self.react_to_replies(site, &policy.shaping, &mut replies, &mut bounce);
+            let now_view = self.gateway.scheduler.throttles.view(site, &policy.shaping);
+            // A backoff may have lowered the cap below the connections open.
+            if self.gateway.scheduler.site_connections(site) > now_view.limits.connection_cap() {
+                flow = Flow::Stop;
+            }
+        }
         let results = due
             .into_iter()
             .zip(replies)
-            .map(|((index, record), (reply, remote))| outcome::AttemptResult {
+            .zip(bounce)
+            .map(|(((index, record), (reply, remote)), force_bounce)| outcome::AttemptResult {
                 index,
                 record,
                 reply,
                 remote,
+                force_bounce,
             })
             .collect();
-        outcome::apply(&self.gateway, id, &message.envelope, &data, results, &info).await
+        outcome::apply(&self.gateway, id, &message.envelope, &data, results, &info).await?;
+        Ok(flow)
+    }
+
+    /// Applies the first response rule that matches a 4xx or 5xx reply from
+    /// the server: a backoff or suspension for the site, or a bounce of the
+    /// recipients that got the reply.
+    fn react_to_replies(
+        &self,
+        site: &str,
+        shaping: &crate::policy::shaping::Shaping,
+        replies: &mut [(Reply, bool)],
+        bounce: &mut [bool],
+    ) {
+        let mut throttled = false;
+        for (index, (reply, remote)) in replies.iter().enumerate() {
+            if !*remote || reply.code < 400 {
+                continue;
+            }
+            let Some(rule) = shaping.match_reply(site, &reply.status(), &reply.text()) else {
+                continue;
+            };
+            let metric_site = shaping.metric_site(site);
+            match rule.action {
+                Action::Bounce => {
+                    bounce[index] = true;
+                    self.gateway
+                        .metrics
+                        .shaping_transitions
+                        .with_label_values(&[metric_site, &rule.name(), rule.action.label()])
+                        .inc();
+                }
+                Action::Backoff | Action::Suspend if !throttled => {
+                    throttled = true;
+                    self.gateway.scheduler.throttles.apply(site, rule, shaping, &reply.one_line());
+                    self.gateway
+                        .metrics
+                        .shaping_transitions
+                        .with_label_values(&[metric_site, &rule.name(), rule.action.label()])
+                        .inc();
+                }
+                _ => {}
+            }
+        }
     }
 
     async fn targets(&mut self) -> Result<Vec<Target>, RouteError> {
@@ -122,6 +230,8 @@ impl Worker {
         due: &[(u32, RecipientRecord)],
         data: &[u8],
         targets: &[Target],
+        site: &str,
+        view: &SiteView,
     ) -> (Vec<(Reply, bool)>, AttemptInfo) {
         let sender = smtp_path(&envelope.sender);
         let paths: Vec<String> = due.iter().map(|(_, r)| smtp_path(&r.address)).collect();
@@ -137,6 +247,9 @@ impl Worker {
         for round in 0..2 {
             let reused = self.client.is_some();
             if self.client.is_none() {
+                if let Some(limiter) = &view.connections {
+                    self.wait_for(limiter, site, "connection").await;
+                }
                 match self.connect(targets).await {
                     Ok(client) => self.client = Some(client),
                     Err((failure, info)) => {
@@ -153,6 +266,11 @@ impl Worker {
             if let Some(reply) = check_server_limits(client, &request, data) {
                 return (every(reply, false), info);
             }
+            if let Some(limiter) = &view.messages {
+                let limiter = limiter.clone();
+                self.wait_for(&limiter, site, "message").await;
+            }
+            let client = self.client.as_mut().expect("connected above");
             let started = Instant::now();
             match client.send(&request, data).await {
                 Ok(replies) => {
@@ -160,7 +278,7 @@ impl Worker {
                         .metrics
                         .delivery_seconds
                         .observe(started.elapsed().as_secs_f64());
-                    let max = self.gateway.config.delivery.max_messages_per_connection;
+                    let max = view.limits.max_messages_per_connection;
                     if !client.reusable || client.transactions >= max {
                         self.close().await;
                     }
@@ -180,6 +298,21 @@ impl Worker {
             }
         }
         unreachable!("the second round always returns")
+    }
+
+    /// Waits until `limiter` allows one more event, and records the wait.
+    async fn wait_for(&self, limiter: &crate::scheduler::throttle::Limiter, site: &str, what: &'static str) {
+        let started = Instant::now();
+        limiter.until_ready().await;
+        let waited = started.elapsed();
+        if waited.as_millis() > 0 {
+            tracing::trace!(site, what, waited_ms = waited.as_millis() as u64, "throttle wait");
+        }
+        self.gateway
+            .metrics
+            .shaping_wait_seconds
+            .with_label_values(&[what])
+            .observe(waited.as_secs_f64());
     }
 
     /// Connects to the first target that accepts, in order. A TLS handshake

@@ -20,6 +20,8 @@ pub struct AttemptResult {
     pub reply: Reply,
     /// The reply came from the server, not from the gateway.
     pub remote: bool,
+    /// A response rule with `action: bounce` matched the reply.
+    pub force_bounce: bool,
 }
 
 /// Records the results, queues a DSN for bounces, schedules the next
@@ -55,7 +57,8 @@ pub async fn apply(
         };
         gateway.metrics.delivery_replies.with_label_values(&[class_label]).inc();
 
-        let (event, status) = match reply.class() {
+        let class = if result.force_bounce { Class::Permanent } else { reply.class() };
+        let (event, status) = match class {
             Class::Positive => {
                 record.state = RcptState::Delivered;
                 ("delivered", None)
@@ -74,7 +77,10 @@ pub async fn apply(
             }
             Class::Permanent => {
                 record.state = RcptState::Bounced;
-                ("bounced", Some(reply.status()))
+                // A 4xx reply bounced by a response rule reports a 5.x.x status.
+                let status = reply.status();
+                let status = if status.starts_with('4') { format!("5{}", &status[1..]) } else { status };
+                ("bounced", Some(status))
             }
         };
         gateway.metrics.delivery_results.with_label_values(&[event]).inc();

@@ -5,6 +5,7 @@
 
 pub mod pools;
 pub mod senders;
+pub mod shaping;
 
 use std::path::PathBuf;
 
@@ -20,6 +21,8 @@ pub struct Policy {
     /// Source IPs from `pools.yaml`, for the SPF part of the alignment
     /// check; empty without the file.
     pub source_ips: Vec<std::net::IpAddr>,
+    /// Delivery limits per site and throttling response rules.
+    pub shaping: shaping::Shaping,
 }
 
 pub struct PolicyStore {
@@ -51,7 +54,12 @@ impl PolicyStore {
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(error) => return Err(error).with_context(|| format!("cannot read {}", pools_path.display())),
         };
-        Ok(Policy { dkim, source_ips })
+        let shaping = shaping::Shaping::load(policies)?;
+        Ok(Policy {
+            dkim,
+            source_ips,
+            shaping,
+        })
     }
 
     pub fn current(&self) -> Arc<Policy> {

@@ -4,8 +4,11 @@
 //!
 //! Nothing polls: the timer task sleeps until the earliest job is due or a
 //! new job is scheduled, and connections are started when jobs become ready
-//! and stop when their domain's ready queue is empty. Per-domain and total
-//! connection caps are enforced here.
+//! and stop when their domain's ready queue is empty. Connection caps per
+//! receiving site (from the shaping policy) and in total are enforced here;
+//! a suspended site's jobs wait in the timer heap until the suspension ends.
+
+pub mod throttle;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
@@ -36,6 +39,8 @@ struct State {
     timers: BinaryHeap<Reverse<(u64, Job)>>,
     domains: HashMap<String, DomainQueue>,
     connections: usize,
+    /// Open or starting connections per site, once the site is known.
+    site_connections: HashMap<String, usize>,
     /// Domains with ready jobs that wait for a free connection under the
     /// total cap, oldest first.
     starved: VecDeque<String>,
@@ -46,7 +51,7 @@ pub struct Scheduler {
     state: Mutex<State>,
     wake: Notify,
     max_connections: usize,
-    max_per_domain: usize,
+    pub throttles: throttle::Throttles,
 }
 
 /// Snapshot of one domain's queue, for `baton queue list`.
@@ -59,12 +64,12 @@ pub struct DomainSummary {
 }
 
 impl Scheduler {
-    pub fn new(max_connections: usize, max_per_domain: usize) -> Scheduler {
+    pub fn new(max_connections: usize) -> Scheduler {
         Scheduler {
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             max_connections,
-            max_per_domain,
+            throttles: throttle::Throttles::default(),
         }
     }
 
@@ -117,24 +122,39 @@ impl Scheduler {
     }
 
     /// Starts delivery connections for `domain` while it has ready jobs and
-    /// the caps allow.
+    /// the caps allow. Until the domain's site is known, one connection
+    /// starts and finds it.
     fn dispatch(&self, gateway: &Arc<Gateway>, domain: &str) {
+        let site = self.throttles.site_of(domain);
+        let view = site.as_ref().map(|site| {
+            let policy = gateway.policy.current();
+            self.throttles.view(site, &policy.shaping)
+        });
+        if let Some(until) = view.as_ref().and_then(|v| v.suspended_until) {
+            self.defer_ready(domain, until);
+            return;
+        }
         let starts = {
             let mut state = self.state.lock().expect("scheduler lock");
             let total_free = self.max_connections.saturating_sub(state.connections);
+            let site_open = site.as_ref().map_or(0, |s| state.site_connections.get(s).copied().unwrap_or(0));
             let Some(queue) = state.domains.get_mut(domain) else {
                 return;
             };
-            let needed = queue
-                .ready
-                .len()
-                .saturating_sub(queue.connections)
-                .min(self.max_per_domain.saturating_sub(queue.connections));
-            let starts = needed.min(total_free);
+            let site_free = match &view {
+                Some(view) => view.limits.connection_cap().saturating_sub(site_open),
+                None => 1usize.saturating_sub(queue.connections),
+            };
+            let needed = queue.ready.len().saturating_sub(queue.connections);
+            let allowed = needed.min(site_free);
+            let starts = allowed.min(total_free);
             queue.connections += starts;
-            let starved = needed > starts;
             state.connections += starts;
-            if starved && state.starved_set.insert(domain.to_string()) {
+            if let Some(site) = &site {
+                *state.site_connections.entry(site.clone()).or_default() += starts;
+            }
+            // Waiting for a connection slot anywhere: retry when one closes.
+            if needed > starts && state.starved_set.insert(domain.to_string()) {
                 state.starved.push_back(domain.to_string());
             }
             starts
@@ -142,10 +162,49 @@ impl Scheduler {
         for _ in 0..starts {
             let gateway = gateway.clone();
             let domain = domain.to_string();
+            let site = site.clone();
             tokio::spawn(async move {
-                crate::delivery::run_connection(gateway, domain).await;
+                crate::delivery::run_connection(gateway, domain, site).await;
             });
         }
+    }
+
+    /// Moves every ready job of `domain` to the timer heap at `until`.
+    pub fn defer_ready(&self, domain: &str, until: u64) {
+        let mut state = self.state.lock().expect("scheduler lock");
+        let Some(queue) = state.domains.get_mut(domain) else {
+            return;
+        };
+        let jobs: Vec<QueueId> = queue.ready.drain(..).collect();
+        for id in jobs {
+            state.timers.push(Reverse((until, Job { id, domain: domain.to_string() })));
+        }
+        drop(state);
+        self.wake.notify_one();
+    }
+
+    /// Counts a connection that found its site after it started. Returns
+    /// false when the site is at its cap; the connection must then end.
+    pub fn enter_site(&self, site: &str, cap: usize) -> bool {
+        let mut state = self.state.lock().expect("scheduler lock");
+        let open = state.site_connections.entry(site.to_string()).or_default();
+        if *open >= cap {
+            return false;
+        }
+        *open += 1;
+        true
+    }
+
+    /// Puts a job back at the front of its domain's ready queue.
+    pub fn requeue_front(&self, domain: &str, id: QueueId) {
+        let mut state = self.state.lock().expect("scheduler lock");
+        state.domains.entry(domain.to_string()).or_default().ready.push_front(id);
+    }
+
+    /// Returns the number of open connections to `site`.
+    pub fn site_connections(&self, site: &str) -> usize {
+        let state = self.state.lock().expect("scheduler lock");
+        state.site_connections.get(site).copied().unwrap_or(0)
     }
 
     /// Takes the next ready job of `domain`, for a connection to that domain.
@@ -154,12 +213,20 @@ impl Scheduler {
         state.domains.get_mut(domain)?.ready.pop_front()
     }
 
-    /// Records that a connection to `domain` ended, and hands its slot to
-    /// waiting work.
-    pub fn connection_closed(&self, gateway: &Arc<Gateway>, domain: &str) {
+    /// Records that a connection to `domain` (counted at `site`, if it got
+    /// that far) ended, and hands its slot to waiting work.
+    pub fn connection_closed(&self, gateway: &Arc<Gateway>, domain: &str, site: Option<&str>) {
         let starved = {
             let mut state = self.state.lock().expect("scheduler lock");
             state.connections -= 1;
+            if let Some(site) = site
+                && let Some(open) = state.site_connections.get_mut(site)
+            {
+                *open = open.saturating_sub(1);
+                if *open == 0 {
+                    state.site_connections.remove(site);
+                }
+            }
             if let Some(queue) = state.domains.get_mut(domain) {
                 queue.connections -= 1;
                 if queue.connections == 0 && queue.ready.is_empty() {
