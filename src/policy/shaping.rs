@@ -540,6 +540,52 @@ responses:
         assert!(format!("{error:#}").contains("needs a duration"), "{error:#}");
     }
 
+    /// The real replies each shipped rule was written for, with the site
+    /// and the action the rule must take.
+    const PROVIDER_REPLIES: &[(&str, &str, Option<Action>)] = &[
+        ("google", "421-4.7.28 [203.0.113.42] Our system has detected an unusual rate of unsolicited mail originating from your IP address. To protect our users from spam, mail sent from your IP address has been temporarily rate limited. Please visit https://support.google.com/mail/?p=UnsolicitedRateLimitError to review our Bulk Email Senders Guidelines. - gsmtp", Some(Action::Backoff)),
+        ("microsoft", "451 4.7.650 The mail server [203.0.113.10] has been temporarily rate limited due to IP reputation. For e-mail delivery information, see https://aka.ms/postmaster (S775)", Some(Action::Backoff)),
+        ("microsoft", "451 4.7.651 The mail server [203.0.113.10] has been temporarily rate limited due to IP reputation. For e-mail delivery information, see https://postmaster.live.com (S3114)", Some(Action::Backoff)),
+        ("microsoft", "550 5.7.1 Unfortunately, messages from [203.0.113.10] weren't sent. Please contact your Internet service provider since part of their network is on our block list (S3150). You can also refer your provider to http://mail.live.com/mail/troubleshooting.aspx#errors.", Some(Action::Suspend)),
+        ("yahoo", "421 4.7.0 [TSS04] Messages from 203.0.113.10 temporarily deferred due to unexpected volume or user complaints - 4.16.55.1; see https://postmaster.yahooinc.com/error-codes", Some(Action::Suspend)),
+        ("apple", "421 4.7.1 Messages to user@icloud.com deferred due to excessive volume. Try again later - https://support.apple.com/en-us/HT204137", Some(Action::Backoff)),
+        // Replies no rule is for.
+        ("google", "550-5.1.1 The email account that you tried to reach does not exist. - gsmtp", None),
+        ("apple", "550 5.7.1 [CS01] Message rejected due to local policy. Please visit https://support.apple.com/en-us/HT204137", None),
+    ];
+
+    #[test]
+    fn shipped_rules_match_real_replies() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/policies");
+        let shaping = Shaping::load(Path::new(path)).unwrap();
+        for (site, raw, expected) in PROVIDER_REPLIES {
+            // Take the first line of a multiline reply as its last line.
+            let line = if raw.as_bytes()[3] == b'-' { format!("{} {}", &raw[..3], &raw[4..]) } else { raw.to_string() };
+            let lines = vec![line];
+            let reply = crate::reply::Reply::parse_lines(&lines).unwrap();
+            let matched = shaping.match_reply(site, &reply.status(), &reply.text()).map(|rule| rule.action);
+            assert_eq!(matched, *expected, "{site}: {raw}");
+        }
+    }
+
+    #[test]
+    fn shipped_providers_found_by_mx() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/policies");
+        let shaping = Shaping::load(Path::new(path)).unwrap();
+        let cases = [
+            ("gmail.com", "gmail-smtp-in.l.google.com."),
+            ("workspace.example", "aspmx.l.google.com"),
+            ("outlook.com", "outlook-com.olc.protection.outlook.com."),
+            ("yahoo.com", "mta5.am0.yahoodns.net."),
+            ("icloud.com", "mx01.mail.icloud.com."),
+        ];
+        let expected = ["google", "google", "microsoft", "yahoo", "apple"];
+        for ((domain, mx), site) in cases.iter().zip(expected) {
+            assert_eq!(shaping.site_for(domain, &[mx.to_string()]), site, "{domain}");
+        }
+        assert_eq!(shaping.site_for("example.org", &["mx.example.org".to_string()]), "example.org");
+    }
+
     #[test]
     fn unknown_field_has_line() {
         let error = Shaping::parse_file("default:\n  max_conections: 3\n").unwrap_err();
