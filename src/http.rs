@@ -19,6 +19,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/queue", get(queue))
+        .route("/queue/{id}", get(explain))
         .with_state(gateway)
 }
 
@@ -83,6 +84,17 @@ pub fn list_spool(spool: &crate::spool::Spool, limit: usize) -> anyhow::Result<(
         messages.push(MessageListing::from(message?));
     }
     Ok((messages, false))
+}
+
+async fn explain(State(gateway): State<Arc<Gateway>>, axum::extract::Path(id): axum::extract::Path<String>) -> Response {
+    let Some(queue_id) = crate::spool::QueueId::from_key_suffix(id.as_bytes()) else {
+        return (StatusCode::BAD_REQUEST, format!("{id:?} is not a queue id; queue ids are 20 hex digits, as baton queue list shows\n")).into_response();
+    };
+    match crate::explain::explain_running(&gateway, &queue_id) {
+        Ok(Some(text)) => text.into_response(),
+        Ok(None) => (StatusCode::NOT_FOUND, format!("{id} is not in the queue (delivered, bounced or never queued)\n")).into_response(),
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read the spool: {error:#}\n")).into_response(),
+    }
 }
 
 async fn queue(State(gateway): State<Arc<Gateway>>, Query(params): Query<QueueParams>) -> Response {

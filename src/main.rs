@@ -6,6 +6,7 @@ mod dkim_cmd;
 mod dns;
 mod dns_cmd;
 mod events;
+mod explain;
 mod gateway;
 mod http;
 mod intake;
@@ -47,6 +48,11 @@ enum Command {
     Dns {
         #[command(subcommand)]
         command: DnsCommand,
+    },
+    /// Validate the policy files.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
     },
     /// Make DKIM keys and check their DNS records.
     Dkim {
@@ -96,6 +102,19 @@ enum QueueCommand {
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
+    /// Explain why a message is waiting: its site, the limit or rule that
+    /// holds it, and its next attempt.
+    Explain {
+        /// Queue id, as `baton queue list` shows it.
+        queue_id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Load every policy file and key as `baton serve` would, and report
+    /// the first error with its file, line and field.
+    Check,
 }
 
 fn main() -> ExitCode {
@@ -130,6 +149,12 @@ fn main() -> ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|runtime| runtime.block_on(async { queue_cmd::list(&config, limit) })),
+        Command::Queue {
+            command: QueueCommand::Explain { queue_id },
+        } => queue_cmd::explain(&config, &queue_id),
+        Command::Policy {
+            command: PolicyCommand::Check,
+        } => policy::check(&config.policies, &config.keys),
         Command::Dns {
             command: DnsCommand::Check { domain },
         } => tokio::runtime::Builder::new_current_thread()

@@ -33,14 +33,45 @@ fn is_connection_refused(error: &anyhow::Error) -> bool {
         .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
 }
 
-/// Fetches `/queue` from the running gateway with a plain HTTP/1.1 GET.
+/// Prints why a message waits, from the running gateway or the spool.
+pub fn explain(config: &Config, id: &str) -> anyhow::Result<()> {
+    let Some(queue_id) = crate::spool::QueueId::from_key_suffix(id.trim().as_bytes()) else {
+        anyhow::bail!("{id:?} is not a queue id; queue ids are 20 hex digits, as baton queue list shows");
+    };
+    match get(config, &format!("/queue/{queue_id}")) {
+        Ok(body) => {
+            print!("{}", String::from_utf8_lossy(&body));
+            Ok(())
+        }
+        Err(error) if is_connection_refused(&error) => {
+            let spool = crate::spool::Spool::open(&config.spool.path, 16 * 1024 * 1024)?;
+            match spool.load(&queue_id)? {
+                Some(message) => {
+                    print!("{}", crate::explain::explain_offline(&message));
+                    Ok(())
+                }
+                None => anyhow::bail!("{queue_id} is not in the queue (delivered, bounced or never queued)"),
+            }
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// Fetches `/queue` from the running gateway.
 fn fetch(config: &Config, limit: usize) -> anyhow::Result<QueueListing> {
+    let body = get(config, &format!("/queue?limit={limit}"))?;
+    serde_json::from_slice(&body).context("invalid queue listing from the gateway")
+}
+
+/// Sends a plain HTTP/1.1 GET for `path` to the gateway; returns the body
+/// of a 200 response.
+fn get(config: &Config, path: &str) -> anyhow::Result<Vec<u8>> {
     let address = config.http.listen;
     let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     write!(
         stream,
-        "GET /queue?limit={limit} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
     )?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response)?;
@@ -57,7 +88,7 @@ fn fetch(config: &Config, limit: usize) -> anyhow::Result<QueueListing> {
             String::from_utf8_lossy(body).trim()
         );
     }
-    serde_json::from_slice(body).context("invalid queue listing from the gateway")
+    Ok(body.to_vec())
 }
 
 /// Formats the listing: a table per domain, then each message.

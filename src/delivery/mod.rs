@@ -35,7 +35,18 @@ pub async fn run_connection(gateway: Arc<Gateway>, domain: String, site: Option<
         targets: None,
         client: None,
         site,
+        connection_permitted: false,
     };
+    // Wait for the site's connection rate before taking a job, so a job
+    // never waits here while an open connection could send it.
+    if let Some(site) = worker.site.clone() {
+        let policy = gateway.policy.current();
+        let view = gateway.scheduler.throttles.view(&site, &policy.shaping);
+        if let Some(limiter) = &view.connections {
+            worker.wait_for(limiter, &site, "connection").await;
+        }
+        worker.connection_permitted = true;
+    }
     while let Some(id) = gateway.scheduler.next_job(&domain) {
         match worker.deliver(&id).await {
             Ok(Flow::Continue) => {}
@@ -71,6 +82,8 @@ struct Worker {
     client: Option<Client>,
     /// The receiving site this connection is counted at.
     site: Option<String>,
+    /// The site's connection rate already allowed the next connect.
+    connection_permitted: bool,
 }
 
 impl Worker {
@@ -247,9 +260,12 @@ impl Worker {
         for round in 0..2 {
             let reused = self.client.is_some();
             if self.client.is_none() {
-                if let Some(limiter) = &view.connections {
+                if let Some(limiter) = &view.connections
+                    && !self.connection_permitted
+                {
                     self.wait_for(limiter, site, "connection").await;
                 }
+                self.connection_permitted = false;
                 match self.connect(targets).await {
                     Ok(client) => self.client = Some(client),
                     Err((failure, info)) => {

@@ -25,6 +25,20 @@ pub struct Policy {
     pub shaping: shaping::Shaping,
 }
 
+/// Loads every policy file and key as `baton serve` would, and prints a
+/// summary; the error names the file, line and field.
+pub fn check(policies: &std::path::Path, keys: &std::path::Path) -> anyhow::Result<()> {
+    let policy = PolicyStore::read(policies, keys)?;
+    let (domains, selectors) = policy.dkim.summary();
+    println!(
+        "{}: ok ({domains} signing domains with {selectors} selectors, {} source IPs, {} shaping response rules)",
+        policies.display(),
+        policy.source_ips.len(),
+        policy.shaping.rules.len()
+    );
+    Ok(())
+}
+
 pub struct PolicyStore {
     policies: PathBuf,
     keys: PathBuf,

@@ -243,6 +243,24 @@ impl Scheduler {
         }
     }
 
+    /// Returns where a job waits: `Some(None)` in its domain's ready queue,
+    /// `Some(Some(due))` in the timer heap, `None` when not queued (being
+    /// delivered now, or finished). Scans the queues: for operators, not
+    /// for the delivery path.
+    pub fn job_position(&self, id: &QueueId, domain: &str) -> Option<Option<u64>> {
+        let state = self.state.lock().expect("scheduler lock");
+        if state.domains.get(domain).is_some_and(|q| q.ready.contains(id)) {
+            return Some(None);
+        }
+        state
+            .timers
+            .iter()
+            .filter(|Reverse((_, job))| job.id == *id && job.domain == domain)
+            .map(|Reverse((due, _))| *due)
+            .min()
+            .map(Some)
+    }
+
     /// Returns per-domain counts of ready and waiting jobs.
     pub fn summary(&self) -> Vec<DomainSummary> {
         let state = self.state.lock().expect("scheduler lock");

@@ -55,6 +55,8 @@ pub struct Script {
     pub tls: bool,
     /// Leave PIPELINING out of the EHLO reply.
     pub no_pipelining: bool,
+    /// Wait this long before replying after DATA, to hold connections open.
+    pub data_delay: Duration,
     /// Advertised SIZE and the limit enforced on MAIL SIZE= and on DATA.
     pub max_size: usize,
 }
@@ -72,6 +74,7 @@ impl Default for Script {
             starttls: None,
             tls: false,
             no_pipelining: false,
+            data_delay: Duration::ZERO,
             max_size: 10 * 1024 * 1024,
         }
     }
@@ -138,6 +141,11 @@ impl Script {
         self
     }
 
+    pub fn data_delay(mut self, delay: Duration) -> Script {
+        self.data_delay = delay;
+        self
+    }
+
     pub fn no_pipelining(mut self) -> Script {
         self.no_pipelining = true;
         self
@@ -165,6 +173,8 @@ pub struct Received {
     /// Argument of the last EHLO or HELO.
     pub helo: String,
     pub peer: SocketAddr,
+    /// When the end of the data arrived.
+    pub at: std::time::Instant,
 }
 
 impl Received {
@@ -179,6 +189,9 @@ struct Shared {
     commands: Mutex<Vec<String>>,
     connections: AtomicUsize,
     data_transfers: AtomicUsize,
+    /// Connections open now, and the most open at once.
+    open: AtomicUsize,
+    max_open: AtomicUsize,
 }
 
 /// A running receiver. Stops when dropped.
@@ -234,6 +247,11 @@ impl Receiver {
     }
 
     /// Returns every command line received (without CRLF, DATA content excluded), in order.
+    /// Returns the most connections that were open at once.
+    pub fn max_concurrent(&self) -> usize {
+        self.shared.max_open.load(Ordering::SeqCst)
+    }
+
     pub fn commands(&self) -> Vec<String> {
         self.shared.commands.lock().unwrap().clone()
     }
@@ -337,7 +355,13 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
             accepted = listener.accept() => {
                 if let Ok((stream, peer)) = accepted {
                     ctx.shared.connections.fetch_add(1, Ordering::SeqCst);
-                    sessions.spawn(session(stream, peer, ctx.clone()));
+                    let open = ctx.shared.open.fetch_add(1, Ordering::SeqCst) + 1;
+                    ctx.shared.max_open.fetch_max(open, Ordering::SeqCst);
+                    let ctx = ctx.clone();
+                    sessions.spawn(async move {
+                        session(stream, peer, ctx.clone()).await;
+                        ctx.shared.open.fetch_sub(1, Ordering::SeqCst);
+                    });
                 }
             }
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
@@ -473,6 +497,7 @@ async fn run_session(conn: &mut Conn, peer: SocketAddr, ctx: &Ctx) -> io::Result
                         tls: st.tls,
                         helo: st.helo.clone().unwrap_or_default(),
                         peer,
+                        at: std::time::Instant::now(),
                     };
                     let n = ctx.shared.data_transfers.fetch_add(1, Ordering::SeqCst);
                     let reply = if rec.data.len() > script.max_size {
@@ -486,6 +511,9 @@ async fn run_session(conn: &mut Conn, peer: SocketAddr, ctx: &Ctx) -> io::Result
                     };
                     if reply.starts_with('2') {
                         ctx.shared.messages.lock().unwrap().push(rec);
+                    }
+                    if !script.data_delay.is_zero() {
+                        tokio::time::sleep(script.data_delay).await;
                     }
                     reply
                 }
