@@ -62,6 +62,8 @@ pub struct Event {
 pub struct AttemptInfo {
     pub mx: Option<String>,
     pub mx_ip: Option<String>,
+    /// The receiving site as a metric label.
+    pub site: String,
 }
 
 impl Event {

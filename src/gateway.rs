@@ -48,9 +48,14 @@ impl Gateway {
     pub async fn receive(self: &Arc<Self>, submission: Submission) -> Result<QueueId, Reply> {
         let started = Instant::now();
         let id = QueueId::generate();
-        let processed = self.pipeline.run(&id, &submission).await.inspect_err(|reply| {
-            tracing::info!(queue_id = %id, client_ip = %submission.client_ip, reply = %reply.one_line(), "message rejected by the pipeline");
-        })?;
+        let processed = match self.pipeline.run(&id, &submission).await {
+            Ok(processed) => processed,
+            Err((reply, reason)) => {
+                tracing::info!(queue_id = %id, client_ip = %submission.client_ip, reply = %reply.one_line(), "message rejected by the pipeline");
+                self.metrics.reject(reason);
+                return Err(reply);
+            }
+        };
         let data = processed.data;
 
         let now = record::unix_now();
@@ -90,6 +95,13 @@ impl Gateway {
             .observe(started.elapsed().as_secs_f64());
         let signed = if processed.signed_for.is_some() { "signed" } else { "unsigned" };
         self.metrics.dkim_messages.with_label_values(&[signed]).inc();
+        for algorithm in &processed.signature_algorithms {
+            self.metrics.dkim_signatures.with_label_values(&[algorithm]).inc();
+        }
+        self.metrics
+            .routed_messages
+            .with_label_values(&[crate::metrics::DEFAULT_POOL])
+            .inc();
         let mut event = Event::received(&message);
         event.dkim_domain = processed.signed_for;
         if let Some(alignment) = &processed.alignment {

@@ -28,6 +28,7 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
         .metrics
         .spool_bytes
         .set(gateway.spool.size_on_disk() as i64);
+    update_queue_gauges(&gateway);
     let (backoff, suspended) = gateway.scheduler.throttles.counts();
     gateway.metrics.sites_throttled.with_label_values(&["backoff"]).set(backoff as i64);
     gateway.metrics.sites_throttled.with_label_values(&["suspended"]).set(suspended as i64);
@@ -36,6 +37,32 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
         gateway.metrics.render(),
     )
         .into_response()
+}
+
+/// Sets the queue gauges by site from the scheduler's queues.
+fn update_queue_gauges(gateway: &Gateway) {
+    let policy = gateway.policy.current();
+    let now_micros = crate::spool::record::unix_now() * 1_000_000;
+    let mut by_site: std::collections::HashMap<String, (i64, i64, u64)> = std::collections::HashMap::new();
+    for (domain, (ready, waiting, oldest)) in gateway.scheduler.domain_stats() {
+        let site = match gateway.scheduler.throttles.site_of(&domain) {
+            Some(site) => policy.shaping.metric_site(&site).to_string(),
+            None => policy.shaping.metric_site(&domain).to_string(),
+        };
+        let entry = by_site.entry(site).or_insert((0, 0, u64::MAX));
+        entry.0 += ready as i64;
+        entry.1 += waiting as i64;
+        entry.2 = entry.2.min(oldest);
+    }
+    let metrics = &gateway.metrics;
+    metrics.queue_jobs.reset();
+    metrics.queue_oldest_age_seconds.reset();
+    for (site, (ready, waiting, oldest)) in by_site {
+        metrics.queue_jobs.with_label_values(&[site.as_str(), "ready"]).set(ready);
+        metrics.queue_jobs.with_label_values(&[site.as_str(), "waiting"]).set(waiting);
+        let age = now_micros.saturating_sub(oldest) / 1_000_000;
+        metrics.queue_oldest_age_seconds.with_label_values(&[site.as_str()]).set(age as i64);
+    }
 }
 
 #[derive(Deserialize)]

@@ -1,9 +1,12 @@
-//! Prometheus metrics, all declared here. Label values come from small fixed
-//! sets (reasons, outcomes); never a recipient address or queue id.
+//! Prometheus metrics, all declared here. Label values come from bounded
+//! sets: reasons and results from code, sites from the shaping policy
+//! (providers and configured domains, every other domain as `other`),
+//! pools and sources from policy (`default` until pools exist), enhanced
+//! status codes as sent by receivers. Never a recipient address or queue id.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Reason intake rejected a message or recipient: the `reason` label value.
@@ -15,6 +18,9 @@ pub enum RejectReason {
     BareLf,
     LineLength,
     SpoolWrite,
+    Unsigned,
+    Alignment,
+    Unsubscribe,
 }
 
 impl RejectReason {
@@ -26,159 +32,185 @@ impl RejectReason {
             RejectReason::BareLf => "bare_lf",
             RejectReason::LineLength => "line_length",
             RejectReason::SpoolWrite => "spool_write",
+            RejectReason::Unsigned => "unsigned",
+            RejectReason::Alignment => "alignment",
+            RejectReason::Unsubscribe => "unsubscribe",
         }
     }
 }
 
+/// Pool and source labels until pools and source binding exist.
+pub const DEFAULT_POOL: &str = "default";
+pub const DEFAULT_SOURCE: &str = "default";
+
 pub struct Metrics {
     pub registry: Registry,
+    // Intake.
     pub intake_connections: IntCounter,
     pub intake_sessions: IntGauge,
     pub messages_received: IntCounter,
     pub bytes_received: IntCounter,
     rejected: IntCounterVec,
     pub acceptance_seconds: Histogram,
+    // Pipeline.
     /// Accepted messages by `result`: signed or unsigned.
     pub dkim_messages: IntCounterVec,
+    /// Signatures made by `algorithm`.
+    pub dkim_signatures: IntCounterVec,
     /// Alignment verdicts of accepted messages by `domain`, `result`, `mode`.
     pub alignment_verdicts: IntCounterVec,
-    /// Recipient outcomes by `result`: delivered, deferred, bounced.
+    /// Accepted messages by `pool`.
+    pub routed_messages: IntCounterVec,
+    // Queue.
+    pub queued_messages: IntGauge,
+    /// Queued (message, domain) jobs by `site` and `state` (ready, waiting).
+    pub queue_jobs: IntGaugeVec,
+    pub queue_oldest_age_seconds: IntGaugeVec,
+    pub spool_bytes: IntGauge,
+    // Delivery.
+    pub delivery_attempts: IntCounterVec,
+    /// Recipient outcomes by `pool`, `source`, `site`, `result`.
     pub delivery_results: IntCounterVec,
-    /// Reply classes seen from MX hosts: 2xx, 4xx, 5xx, or `network`.
+    /// Final replies per recipient by `site`, `class` (2xx, 4xx, 5xx,
+    /// network) and `code` (the enhanced code of a 4xx or 5xx).
     pub delivery_replies: IntCounterVec,
-    pub delivery_seconds: Histogram,
-    pub outbound_connections: IntGauge,
+    pub delivery_seconds: HistogramVec,
+    /// Transactions by `site` and `tls` (yes or no).
+    pub delivery_tls: IntCounterVec,
+    pub outbound_connections: IntGaugeVec,
+    pub dsn_sent: IntCounter,
+    // Shaping.
     /// Backoff, suspension and bounce rule matches by `site`, `rule`, `action`.
     pub shaping_transitions: IntCounterVec,
     /// Time deliveries waited on a site's rate limits, by `limit`.
-    pub shaping_wait_seconds: prometheus::HistogramVec,
+    pub shaping_wait_seconds: HistogramVec,
     /// Sites now in backoff and in suspension, by `state`.
-    pub sites_throttled: prometheus::IntGaugeVec,
-    pub queued_messages: IntGauge,
-    pub spool_bytes: IntGauge,
-    pub dsn_sent: IntCounter,
+    pub sites_throttled: IntGaugeVec,
+    // DNS.
+    pub dns_lookups: IntCounterVec,
+    pub dns_lookup_seconds: HistogramVec,
 }
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    IntCounter::new(name, help).expect("valid metric")
+}
+
+fn counters(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+}
+
+fn gauges(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric")
+}
+
+fn histograms(name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
+    HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels).expect("valid metric")
+}
+
+/// Latency buckets in seconds, from 1 ms to 10 s.
+const LATENCY: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let registry = Registry::new();
-        let latency_buckets = vec![
-            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-        ];
         let metrics = Metrics {
-            intake_connections: IntCounter::new(
-                "baton_intake_connections_total",
-                "SMTP connections accepted by intake",
-            )
-            .expect("valid metric"),
-            intake_sessions: IntGauge::new("baton_intake_sessions", "SMTP sessions now open")
-                .expect("valid metric"),
-            messages_received: IntCounter::new(
-                "baton_messages_received_total",
-                "Messages accepted and queued",
-            )
-            .expect("valid metric"),
-            bytes_received: IntCounter::new(
-                "baton_received_bytes_total",
-                "Bytes of accepted messages, as stored",
-            )
-            .expect("valid metric"),
-            rejected: IntCounterVec::new(
-                Opts::new(
-                    "baton_messages_rejected_total",
-                    "Messages or recipients rejected at intake, by reason",
-                ),
+            registry: Registry::new(),
+            intake_connections: counter("baton_intake_connections_total", "SMTP connections accepted by intake"),
+            intake_sessions: IntGauge::new("baton_intake_sessions", "SMTP sessions now open").expect("valid metric"),
+            messages_received: counter("baton_messages_received_total", "Messages accepted and queued"),
+            bytes_received: counter("baton_received_bytes_total", "Bytes of accepted messages, as stored"),
+            rejected: counters(
+                "baton_messages_rejected_total",
+                "Messages or recipients rejected at intake, by reason",
                 &["reason"],
-            )
-            .expect("valid metric"),
+            ),
             acceptance_seconds: Histogram::with_opts(
-                HistogramOpts::new(
-                    "baton_acceptance_seconds",
-                    "Time from the end of message data to the 250 reply",
-                )
-                .buckets(latency_buckets.clone()),
+                HistogramOpts::new("baton_acceptance_seconds", "Time from the end of message data to the 250 reply")
+                    .buckets(LATENCY.to_vec()),
             )
             .expect("valid metric"),
-            dkim_messages: IntCounterVec::new(
-                Opts::new(
-                    "baton_dkim_messages_total",
-                    "Accepted messages by DKIM result: signed or unsigned",
-                ),
+            dkim_messages: counters(
+                "baton_dkim_messages_total",
+                "Accepted messages by DKIM result: signed or unsigned",
                 &["result"],
-            )
-            .expect("valid metric"),
-            alignment_verdicts: IntCounterVec::new(
-                Opts::new(
-                    "baton_alignment_verdicts_total",
-                    "Alignment verdicts of accepted messages by sending domain (configured ones, else other), result and mode",
-                ),
+            ),
+            dkim_signatures: counters("baton_dkim_signatures_total", "DKIM signatures made, by algorithm", &["algorithm"]),
+            alignment_verdicts: counters(
+                "baton_alignment_verdicts_total",
+                "Alignment verdicts of accepted messages by sending domain (configured ones, else other), result and mode",
                 &["domain", "result", "mode"],
-            )
-            .expect("valid metric"),
-            delivery_results: IntCounterVec::new(
-                Opts::new(
-                    "baton_delivery_recipients_total",
-                    "Recipient delivery outcomes, by result",
-                ),
-                &["result"],
-            )
-            .expect("valid metric"),
-            delivery_replies: IntCounterVec::new(
-                Opts::new(
-                    "baton_delivery_replies_total",
-                    "Final replies per recipient from MX hosts, by class",
-                ),
-                &["class"],
-            )
-            .expect("valid metric"),
-            delivery_seconds: Histogram::with_opts(
-                HistogramOpts::new(
-                    "baton_delivery_transaction_seconds",
-                    "Time of one SMTP transaction to an MX host, MAIL to final reply",
-                )
-                .buckets(latency_buckets),
-            )
-            .expect("valid metric"),
-            shaping_transitions: IntCounterVec::new(
-                Opts::new(
-                    "baton_shaping_transitions_total",
-                    "Response rule matches by site (providers and configured domains, else other), rule and action",
-                ),
-                &["site", "rule", "action"],
-            )
-            .expect("valid metric"),
-            shaping_wait_seconds: prometheus::HistogramVec::new(
-                HistogramOpts::new(
-                    "baton_shaping_wait_seconds",
-                    "Time a delivery waited on a site's message or connection rate",
-                )
-                .buckets(vec![0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0]),
-                &["limit"],
-            )
-            .expect("valid metric"),
-            sites_throttled: prometheus::IntGaugeVec::new(
-                Opts::new("baton_sites_throttled", "Sites now in backoff or suspension, by state"),
-                &["state"],
-            )
-            .expect("valid metric"),
-            outbound_connections: IntGauge::new(
-                "baton_outbound_connections",
-                "Delivery connections now open",
-            )
-            .expect("valid metric"),
+            ),
+            routed_messages: counters("baton_routed_messages_total", "Accepted messages by outbound pool", &["pool"]),
             queued_messages: IntGauge::new(
                 "baton_queue_messages",
                 "Messages in the spool with at least one recipient pending",
             )
             .expect("valid metric"),
-            spool_bytes: IntGauge::new("baton_spool_bytes", "Bytes the spool takes on disk")
-                .expect("valid metric"),
-            dsn_sent: IntCounter::new(
-                "baton_dsn_queued_total",
-                "Delivery status notifications queued to senders",
-            )
-            .expect("valid metric"),
-            registry,
+            queue_jobs: gauges(
+                "baton_queue_jobs",
+                "Queued deliveries (one message to one domain) by site and state: ready waits for a connection, waiting for its time",
+                &["site", "state"],
+            ),
+            queue_oldest_age_seconds: gauges(
+                "baton_queue_oldest_age_seconds",
+                "Age of the oldest queued message, by site",
+                &["site"],
+            ),
+            spool_bytes: IntGauge::new("baton_spool_bytes", "Bytes the spool takes on disk").expect("valid metric"),
+            delivery_attempts: counters(
+                "baton_delivery_attempts_total",
+                "SMTP transactions attempted, by pool, source and site",
+                &["pool", "source", "site"],
+            ),
+            delivery_results: counters(
+                "baton_delivery_recipients_total",
+                "Recipient delivery outcomes, by pool, source, site and result (delivered, deferred, bounced)",
+                &["pool", "source", "site", "result"],
+            ),
+            delivery_replies: counters(
+                "baton_delivery_replies_total",
+                "Deciding reply per recipient, by site, class (2xx, 4xx, 5xx, network) and enhanced code",
+                &["site", "class", "code"],
+            ),
+            delivery_seconds: histograms(
+                "baton_delivery_transaction_seconds",
+                "Time of one SMTP transaction to an MX host, MAIL to final reply, by site",
+                &["site"],
+                LATENCY,
+            ),
+            delivery_tls: counters(
+                "baton_delivery_tls_total",
+                "SMTP transactions by site and whether TLS was used",
+                &["site", "tls"],
+            ),
+            outbound_connections: gauges(
+                "baton_outbound_connections",
+                "Delivery connections now open, by source and site",
+                &["source", "site"],
+            ),
+            dsn_sent: counter("baton_dsn_queued_total", "Delivery status notifications queued to senders"),
+            shaping_transitions: counters(
+                "baton_shaping_transitions_total",
+                "Response rule matches by site (providers and configured domains, else other), rule and action",
+                &["site", "rule", "action"],
+            ),
+            shaping_wait_seconds: histograms(
+                "baton_shaping_wait_seconds",
+                "Time a delivery waited on a site's message or connection rate",
+                &["limit"],
+                &[0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0],
+            ),
+            sites_throttled: gauges("baton_sites_throttled", "Sites now in backoff or suspension, by state", &["state"]),
+            dns_lookups: counters(
+                "baton_dns_lookups_total",
+                "DNS lookups made for delivery, by record type and result (ok, nxdomain, nodata, error)",
+                &["type", "result"],
+            ),
+            dns_lookup_seconds: histograms(
+                "baton_dns_lookup_seconds",
+                "Time of DNS lookups made for delivery, by record type",
+                &["type"],
+                LATENCY,
+            ),
         };
         metrics.register_all();
         metrics
@@ -193,22 +225,28 @@ impl Metrics {
             Box::new(self.rejected.clone()),
             Box::new(self.acceptance_seconds.clone()),
             Box::new(self.dkim_messages.clone()),
+            Box::new(self.dkim_signatures.clone()),
             Box::new(self.alignment_verdicts.clone()),
+            Box::new(self.routed_messages.clone()),
+            Box::new(self.queued_messages.clone()),
+            Box::new(self.queue_jobs.clone()),
+            Box::new(self.queue_oldest_age_seconds.clone()),
+            Box::new(self.spool_bytes.clone()),
+            Box::new(self.delivery_attempts.clone()),
             Box::new(self.delivery_results.clone()),
             Box::new(self.delivery_replies.clone()),
             Box::new(self.delivery_seconds.clone()),
+            Box::new(self.delivery_tls.clone()),
             Box::new(self.outbound_connections.clone()),
+            Box::new(self.dsn_sent.clone()),
             Box::new(self.shaping_transitions.clone()),
             Box::new(self.shaping_wait_seconds.clone()),
             Box::new(self.sites_throttled.clone()),
-            Box::new(self.queued_messages.clone()),
-            Box::new(self.spool_bytes.clone()),
-            Box::new(self.dsn_sent.clone()),
+            Box::new(self.dns_lookups.clone()),
+            Box::new(self.dns_lookup_seconds.clone()),
         ];
         for collector in collectors {
-            self.registry
-                .register(collector)
-                .expect("metric names are unique");
+            self.registry.register(collector).expect("metric names are unique");
         }
     }
 
@@ -228,4 +266,15 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
     }
+}
+
+/// Returns an enhanced status code as a label value, or `other` when the
+/// text is not one (keeps the label set bounded).
+pub fn code_label(status: &str) -> &str {
+    let mut parts = status.split('.');
+    let valid = parts.next().is_some_and(|p| p.len() == 1 && p.bytes().all(|b| b.is_ascii_digit()))
+        && parts.next().is_some_and(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
+        && parts.next().is_some_and(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
+        && parts.next().is_none();
+    if valid { status } else { "other" }
 }

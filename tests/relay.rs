@@ -528,7 +528,10 @@ async fn health_and_metrics_served() {
     gateway.wait_for_event("delivered", "rcpt@dest.example", WAIT).await;
     let (_, metrics) = gateway.http_get("/metrics").await;
     assert!(metrics.contains("baton_messages_received_total 1"), "{metrics}");
-    assert!(metrics.contains("baton_delivery_recipients_total{result=\"delivered\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("baton_delivery_recipients_total{pool=\"default\",result=\"delivered\",site=\"other\",source=\"default\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

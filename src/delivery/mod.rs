@@ -17,6 +17,7 @@ use client::{Client, Envelope, Failure, Timeouts};
 use mx::{RouteError, Target};
 
 use crate::events::AttemptInfo;
+use crate::metrics::{DEFAULT_POOL, DEFAULT_SOURCE};
 use crate::policy::shaping::Action;
 use crate::scheduler::throttle::SiteView;
 use crate::gateway::Gateway;
@@ -34,6 +35,7 @@ pub async fn run_connection(gateway: Arc<Gateway>, domain: String, site: Option<
         domain: domain.clone(),
         targets: None,
         client: None,
+        label: "other".to_string(),
         site,
         connection_permitted: false,
     };
@@ -41,6 +43,7 @@ pub async fn run_connection(gateway: Arc<Gateway>, domain: String, site: Option<
     // never waits here while an open connection could send it.
     if let Some(site) = worker.site.clone() {
         let policy = gateway.policy.current();
+        worker.label = policy.shaping.metric_site(&site).to_string();
         let view = gateway.scheduler.throttles.view(&site, &policy.shaping);
         if let Some(limiter) = &view.connections {
             worker.wait_for(limiter, &site, "connection").await;
@@ -82,6 +85,8 @@ struct Worker {
     client: Option<Client>,
     /// The receiving site this connection is counted at.
     site: Option<String>,
+    /// The site as a metric label.
+    label: String,
     /// The site's connection rate already allowed the next connect.
     connection_permitted: bool,
 }
@@ -121,6 +126,7 @@ impl Worker {
                         return Ok(Flow::Stop);
                     }
                     self.site = Some(site.clone());
+                    self.label = policy.shaping.metric_site(&site).to_string();
                     site
                 }
             };
@@ -134,7 +140,7 @@ impl Worker {
             view = Some((site, current));
         }
 
-        let (mut replies, info) = match &targets {
+        let (mut replies, mut info) = match &targets {
             Ok(targets) => {
                 let (site, current) = view.as_ref().expect("set for resolved targets");
                 self.attempt(&message.envelope, &due, &data, targets, site, current).await
@@ -145,6 +151,7 @@ impl Worker {
             }
         };
 
+        info.site = self.label.clone();
         let mut bounce = vec![false; replies.len()];
         let mut flow = Flow::Continue;
         if let Some((site, _)) = &view {
@@ -222,6 +229,7 @@ impl Worker {
                 .and_then(|text| mx::parse_route(text).ok());
             let resolved = mx::resolve(
                 &self.gateway.resolver,
+                &self.gateway.metrics,
                 &self.domain,
                 config.remote_port,
                 route.as_ref(),
@@ -278,6 +286,7 @@ impl Worker {
             let info = AttemptInfo {
                 mx: Some(client.mx.clone()),
                 mx_ip: Some(client.address.ip().to_string()),
+                site: String::new(),
             };
             if let Some(reply) = check_server_limits(client, &request, data) {
                 return (every(reply, false), info);
@@ -286,14 +295,21 @@ impl Worker {
                 let limiter = limiter.clone();
                 self.wait_for(&limiter, site, "message").await;
             }
+            let metrics = &self.gateway.metrics;
+            metrics
+                .delivery_attempts
+                .with_label_values(&[DEFAULT_POOL, DEFAULT_SOURCE, self.label.as_str()])
+                .inc();
             let client = self.client.as_mut().expect("connected above");
             let started = Instant::now();
             match client.send(&request, data).await {
                 Ok(replies) => {
-                    self.gateway
-                        .metrics
+                    metrics
                         .delivery_seconds
+                        .with_label_values(&[self.label.as_str()])
                         .observe(started.elapsed().as_secs_f64());
+                    let tls = if client.tls { "yes" } else { "no" };
+                    metrics.delivery_tls.with_label_values(&[self.label.as_str(), tls]).inc();
                     let max = view.limits.max_messages_per_connection;
                     if !client.reusable || client.transactions >= max {
                         self.close().await;
@@ -345,6 +361,7 @@ impl Worker {
             let info = AttemptInfo {
                 mx: Some(target.mx.clone()),
                 mx_ip: Some(target.address.ip().to_string()),
+                site: String::new(),
             };
             let mut result = Client::connect(
                 &target.mx,
@@ -360,7 +377,11 @@ impl Worker {
             }
             match result {
                 Ok(client) => {
-                    self.gateway.metrics.outbound_connections.inc();
+                    self.gateway
+                        .metrics
+                        .outbound_connections
+                        .with_label_values(&[DEFAULT_SOURCE, self.label.as_str()])
+                        .inc();
                     return Ok(client);
                 }
                 Err(failure) => {
@@ -386,13 +407,21 @@ impl Worker {
 
     fn drop_client(&mut self) {
         if self.client.take().is_some() {
-            self.gateway.metrics.outbound_connections.dec();
+            self.gateway
+                .metrics
+                .outbound_connections
+                .with_label_values(&[DEFAULT_SOURCE, self.label.as_str()])
+                .dec();
         }
     }
 
     async fn close(&mut self) {
         if let Some(client) = self.client.take() {
-            self.gateway.metrics.outbound_connections.dec();
+            self.gateway
+                .metrics
+                .outbound_connections
+                .with_label_values(&[DEFAULT_SOURCE, self.label.as_str()])
+                .dec();
             client.quit().await;
         }
     }

@@ -11,7 +11,10 @@ use std::net::{IpAddr, SocketAddr};
 use hickory_resolver::proto::rr::{RData, RecordType};
 use rand::seq::SliceRandom;
 
+use std::time::Instant;
+
 use crate::dns::Resolver;
+use crate::metrics::Metrics;
 use crate::reply::Reply;
 
 /// One address to try, with the MX name it came from.
@@ -68,18 +71,22 @@ pub fn parse_route(text: &str) -> anyhow::Result<Route> {
 /// Resolves the delivery targets for `domain`, in the order to try them.
 pub async fn resolve(
     resolver: &Resolver,
+    metrics: &Metrics,
     domain: &str,
     default_port: u16,
     route: Option<&Route>,
 ) -> Result<Vec<Target>, RouteError> {
     if let Some(route) = route {
         let port = route.port.unwrap_or(default_port);
-        return addresses(resolver, &route.host, port).await;
+        return addresses(resolver, metrics, &route.host, port).await;
     }
 
     let fqdn = format!("{}.", domain.trim_end_matches('.'));
     let mut implicit = false;
-    let hosts = match resolver.lookup(fqdn.as_str(), RecordType::MX).await {
+    let started = Instant::now();
+    let mx_lookup = resolver.lookup(fqdn.as_str(), RecordType::MX).await;
+    record_lookup(metrics, "MX", started, &mx_lookup);
+    let hosts = match mx_lookup {
         Ok(lookup) => {
             let mut records: Vec<(u16, String)> = lookup
                 .answers()
@@ -122,7 +129,7 @@ pub async fn resolve(
     let mut targets = Vec::new();
     let mut last_error = None;
     for host in hosts {
-        match addresses(resolver, &host, default_port).await {
+        match addresses(resolver, metrics, &host, default_port).await {
             Ok(found) => targets.extend(found),
             Err(error) => last_error = Some(error),
         }
@@ -147,6 +154,21 @@ pub async fn resolve(
     Ok(targets)
 }
 
+/// Counts a lookup by type and result, and observes its time.
+fn record_lookup<T>(metrics: &Metrics, record_type: &str, started: Instant, result: &Result<T, hickory_resolver::net::NetError>) {
+    let label = match result {
+        Ok(_) => "ok",
+        Err(error) if error.is_nx_domain() => "nxdomain",
+        Err(error) if error.is_no_records_found() => "nodata",
+        Err(_) => "error",
+    };
+    metrics.dns_lookups.with_label_values(&[record_type, label]).inc();
+    metrics
+        .dns_lookup_seconds
+        .with_label_values(&[record_type])
+        .observe(started.elapsed().as_secs_f64());
+}
+
 /// Sorts MX hosts by preference and shuffles hosts of equal preference, so
 /// load spreads over them (RFC 5321 section 5.1).
 fn order_by_preference(mut records: Vec<(u16, String)>) -> Vec<String> {
@@ -157,7 +179,7 @@ fn order_by_preference(mut records: Vec<(u16, String)>) -> Vec<String> {
 }
 
 /// Looks up the A and AAAA records of `host`; an IP literal is used as is.
-async fn addresses(resolver: &Resolver, host: &str, port: u16) -> Result<Vec<Target>, RouteError> {
+async fn addresses(resolver: &Resolver, metrics: &Metrics, host: &str, port: u16) -> Result<Vec<Target>, RouteError> {
     let name = host.trim_end_matches('.');
     if let Ok(ip) = name.parse::<IpAddr>() {
         return Ok(vec![Target {
@@ -166,7 +188,10 @@ async fn addresses(resolver: &Resolver, host: &str, port: u16) -> Result<Vec<Tar
         }]);
     }
     let fqdn = format!("{name}.");
-    match resolver.lookup_ip(fqdn.as_str()).await {
+    let started = Instant::now();
+    let ip_lookup = resolver.lookup_ip(fqdn.as_str()).await;
+    record_lookup(metrics, "A/AAAA", started, &ip_lookup);
+    match ip_lookup {
         Ok(lookup) => {
             let targets: Vec<Target> = lookup
                 .iter()

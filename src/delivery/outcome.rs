@@ -55,7 +55,10 @@ pub async fn apply(
             (true, Class::Transient) => "4xx",
             (true, _) => "5xx",
         };
-        gateway.metrics.delivery_replies.with_label_values(&[class_label]).inc();
+        let status = reply.status();
+        let code = if class_label == "4xx" || class_label == "5xx" { crate::metrics::code_label(&status) } else { "" };
+        let site = if info.site.is_empty() { "other" } else { info.site.as_str() };
+        gateway.metrics.delivery_replies.with_label_values(&[site, class_label, code]).inc();
 
         let class = if result.force_bounce { Class::Permanent } else { reply.class() };
         let (event, status) = match class {
@@ -83,7 +86,11 @@ pub async fn apply(
                 ("bounced", Some(status))
             }
         };
-        gateway.metrics.delivery_results.with_label_values(&[event]).inc();
+        gateway
+            .metrics
+            .delivery_results
+            .with_label_values(&[crate::metrics::DEFAULT_POOL, crate::metrics::DEFAULT_SOURCE, site, event])
+            .inc();
 
         let mut line = Event::outcome(event, id, envelope, &record.address, reply.one_line(), record.attempts, info);
         if record.state == RcptState::Deferred {

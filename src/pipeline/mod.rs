@@ -21,6 +21,7 @@ use std::sync::Arc;
 use mail_auth::MessageAuthenticator;
 
 use crate::gateway::Submission;
+use crate::metrics::RejectReason;
 use crate::policy::PolicyStore;
 use crate::policy::senders::AlignmentMode;
 use crate::reply::Reply;
@@ -38,6 +39,8 @@ pub struct Processed {
     pub data: Vec<u8>,
     /// Domain of the DKIM signatures added, if any.
     pub signed_for: Option<String>,
+    /// Algorithm of each signature added (`rsa-sha256`, `ed25519-sha256`).
+    pub signature_algorithms: Vec<&'static str>,
     /// The alignment verdict, unless the check is off.
     pub alignment: Option<Alignment>,
 }
@@ -60,16 +63,21 @@ impl Pipeline {
         }
     }
 
-    /// Returns the bytes to store and send, or the reply that rejects the message.
-    pub async fn run(&self, id: &QueueId, submission: &Submission) -> Result<Processed, Reply> {
+    /// Returns the bytes to store and send, or the reply that rejects the
+    /// message with the reason for metrics.
+    pub async fn run(&self, id: &QueueId, submission: &Submission) -> Result<Processed, (Reply, RejectReason)> {
         let policy = self.policy.current();
         let from = from_domain(&submission.content);
-        let signing = policy.dkim.sign(&submission.content, from.as_deref())?;
+        let signing = policy
+            .dkim
+            .sign(&submission.content, from.as_deref())
+            .map_err(|reply| (reply, RejectReason::Unsigned))?;
         if let Some(domain) = from.as_deref()
             && let Some(headers_signed) = policy.dkim.one_click_rule(domain)
         {
             let signed = matches!(&signing, dkim::Signing::Signed { headers, .. } if !headers.is_empty());
-            unsubscribe::check(&submission.content, domain, signed && headers_signed)?;
+            unsubscribe::check(&submission.content, domain, signed && headers_signed)
+                .map_err(|reply| (reply, RejectReason::Unsubscribe))?;
         }
 
         let received = trace::received_header(&self.hostname, id, submission);
@@ -77,6 +85,10 @@ impl Pipeline {
             dkim::Signing::Signed { domain, headers } => (headers, Some(domain)),
             dkim::Signing::Unsigned => (Vec::new(), None),
         };
+        let signature_algorithms: Vec<&'static str> = signatures
+            .iter()
+            .map(|header| if header.contains("a=ed25519-sha256") { "ed25519-sha256" } else { "rsa-sha256" })
+            .collect();
         let extra: usize = signatures.iter().map(String::len).sum();
         let mut data = Vec::with_capacity(received.len() + extra + submission.content.len());
         data.extend_from_slice(received.as_bytes());
@@ -92,6 +104,7 @@ impl Pipeline {
             return Ok(Processed {
                 data,
                 signed_for,
+                signature_algorithms,
                 alignment: None,
             });
         }
@@ -105,10 +118,9 @@ impl Pipeline {
         let report = match alignment::check(&self.authenticator, &input).await {
             Ok(report) => Some(report),
             Err(error) if mode == AlignmentMode::Enforce => {
-                return Err(Reply::new(
-                    451,
-                    "4.4.3",
-                    format!("Alignment check could not complete ({error}); try again later"),
+                return Err((
+                    Reply::new(451, "4.4.3", format!("Alignment check could not complete ({error}); try again later")),
+                    RejectReason::Alignment,
                 ));
             }
             Err(error) => {
@@ -120,11 +132,12 @@ impl Pipeline {
             && let Some(report) = &report
             && !report.pass
         {
-            return Err(Reply::new(550, "5.7.1", report.failure_text()));
+            return Err((Reply::new(550, "5.7.1", report.failure_text()), RejectReason::Alignment));
         }
         Ok(Processed {
             data,
             signed_for,
+            signature_algorithms,
             alignment: Some(Alignment {
                 mode,
                 metric_domain,

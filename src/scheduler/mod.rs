@@ -261,6 +261,28 @@ impl Scheduler {
             .map(Some)
     }
 
+    /// Returns, per domain, the counts of ready and waiting jobs and the
+    /// oldest job's arrival time (microseconds since the Unix epoch, read
+    /// from its queue id). Scans the queues: for metrics scrapes, not for
+    /// the delivery path.
+    pub fn domain_stats(&self) -> HashMap<String, (usize, usize, u64)> {
+        let state = self.state.lock().expect("scheduler lock");
+        let mut stats: HashMap<String, (usize, usize, u64)> = HashMap::new();
+        for (domain, queue) in &state.domains {
+            let entry = stats.entry(domain.clone()).or_insert((0, 0, u64::MAX));
+            entry.0 += queue.ready.len();
+            for id in &queue.ready {
+                entry.2 = entry.2.min(id.received_micros());
+            }
+        }
+        for Reverse((_, job)) in state.timers.iter() {
+            let entry = stats.entry(job.domain.clone()).or_insert((0, 0, u64::MAX));
+            entry.1 += 1;
+            entry.2 = entry.2.min(job.id.received_micros());
+        }
+        stats
+    }
+
     /// Returns per-domain counts of ready and waiting jobs.
     pub fn summary(&self) -> Vec<DomainSummary> {
         let state = self.state.lock().expect("scheduler lock");

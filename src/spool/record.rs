@@ -27,6 +27,12 @@ impl QueueId {
         QueueId(format!("{micros:013X}{count:05X}{random:02X}"))
     }
 
+    /// Returns the arrival time encoded in the id, in microseconds since
+    /// the Unix epoch.
+    pub fn received_micros(&self) -> u64 {
+        u64::from_str_radix(&self.0[..13], 16).unwrap_or(0)
+    }
+
     /// Parses the id part of a spool key; `None` when it is not an id.
     pub fn from_key_suffix(bytes: &[u8]) -> Option<QueueId> {
         let text = std::str::from_utf8(bytes).ok()?;
