@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::dkim_cmd::{KeyStatus, lookup_status};
 use crate::pipeline::alignment::{count_spf_records, lookup_dmarc, organizational, spf_mechanisms, spf_result_name};
 use crate::pipeline::dkim::{key_path, read_key};
-use crate::policy::pools::{PoolsFile, Source};
+use crate::policy::pools::Source;
 use crate::policy::senders::Senders;
 
 /// Collects report lines and counts the problems among them.
@@ -40,14 +40,14 @@ pub async fn check(config: &Config, only_domain: Option<&str>) -> anyhow::Result
         .with_context(|| format!("cannot read {}; it lists the sending domains to check", senders_path.display()))?;
     let senders = Senders::parse(&text).with_context(|| format!("invalid {}", senders_path.display()))?;
     let pools_path = config.policies.join("pools.yaml");
-    let sources = match std::fs::read_to_string(&pools_path) {
-        Ok(text) => PoolsFile::parse(&text)
-            .with_context(|| format!("invalid {}", pools_path.display()))?
-            .sources(),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(error) => return Err(error).with_context(|| format!("cannot read {}", pools_path.display())),
-    };
-    let ips: Vec<IpAddr> = sources.iter().map(|source| source.ip).collect();
+    let (pools, _) = crate::policy::load_pools(&config.policies)?;
+    let mut sources: Vec<Source> = Vec::new();
+    for source in pools.sources() {
+        if source.ip.is_some() && !sources.iter().any(|known| known.ip == source.ip) {
+            sources.push(source.clone());
+        }
+    }
+    let ips: Vec<IpAddr> = sources.iter().filter_map(|source| source.ip).collect();
     let authenticator = crate::dns::build_authenticator(&config.dns)?;
     let only = only_domain.map(|d| d.trim_end_matches('.').to_ascii_lowercase());
 
@@ -145,9 +145,12 @@ async fn check_spf(authenticator: &MessageAuthenticator, hostname: &str, domain:
 /// Checks forward-confirmed reverse DNS: the PTR name of the source IP
 /// must resolve back to it, and should be its EHLO name.
 async fn check_ptr(resolver: &crate::dns::Resolver, source: &Source, report: &mut Report) {
+    let Some(ip) = source.ip else {
+        return;
+    };
     let ehlo = source.ehlo.as_deref().unwrap_or("");
-    report.lines.push(format!("source {} (ehlo {})", source.ip, if ehlo.is_empty() { "not set" } else { ehlo }));
-    let names: Vec<String> = match resolver.reverse_lookup(source.ip).await {
+    report.lines.push(format!("source {} (ehlo {})", ip, if ehlo.is_empty() { "not set" } else { ehlo }));
+    let names: Vec<String> = match resolver.reverse_lookup(ip).await {
         Ok(lookup) => lookup
             .answers()
             .iter()
@@ -157,17 +160,17 @@ async fn check_ptr(resolver: &crate::dns::Resolver, source: &Source, report: &mu
             })
             .collect(),
         Err(error) if error.is_nx_domain() || error.is_no_records_found() => Vec::new(),
-        Err(error) => return report.problem("PTR", "error", format!("reverse lookup of {} failed: {error}", source.ip)),
+        Err(error) => return report.problem("PTR", "error", format!("reverse lookup of {} failed: {error}", ip)),
     };
     let Some(name) = names.first() else {
-        return report.problem("PTR", "missing", format!("{} has no PTR record; publish one naming {}", source.ip, if ehlo.is_empty() { "the EHLO name" } else { ehlo }));
+        return report.problem("PTR", "missing", format!("{} has no PTR record; publish one naming {}", ip, if ehlo.is_empty() { "the EHLO name" } else { ehlo }));
     };
     let forward = match resolver.lookup_ip(format!("{name}.").as_str()).await {
         Ok(lookup) => lookup.iter().collect::<Vec<IpAddr>>(),
         Err(_) => Vec::new(),
     };
-    if !forward.contains(&source.ip) {
-        return report.problem("PTR", "mismatch", format!("{name} does not resolve back to {}; add an address record for {name}", source.ip));
+    if !forward.contains(&ip) {
+        return report.problem("PTR", "mismatch", format!("{name} does not resolve back to {}; add an address record for {name}", ip));
     }
     if !ehlo.is_empty() && !name.eq_ignore_ascii_case(ehlo.trim_end_matches('.')) {
         return report.problem("PTR", "mismatch", format!("PTR name {name} differs from EHLO name {ehlo}; make them the same"));

@@ -55,6 +55,12 @@ pub struct Event {
     /// The message is a DSN made by this gateway.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub dsn: bool,
+    /// Outbound pool of the message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// For outcomes: the source the attempt left from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// MX host and address of one delivery attempt, for outcome events.
@@ -64,6 +70,13 @@ pub struct AttemptInfo {
     pub mx_ip: Option<String>,
     /// The receiving site as a metric label.
     pub site: String,
+    /// The receiving site's name, for warmup counters.
+    pub site_name: String,
+    pub pool: String,
+    /// Name of the source the connection left from.
+    pub source: String,
+    /// The source address could not be bound, so nothing was attempted.
+    pub unbindable: bool,
 }
 
 impl Event {
@@ -85,6 +98,8 @@ impl Event {
             dkim_domain: None,
             alignment: None,
             dsn: message.envelope.is_dsn,
+            pool: Some(message.envelope.pool.clone()).filter(|pool| !pool.is_empty()),
+            source: None,
         }
     }
 
@@ -114,6 +129,8 @@ impl Event {
             dkim_domain: None,
             alignment: None,
             dsn: envelope.is_dsn,
+            pool: Some(info.pool.clone()).filter(|pool| !pool.is_empty()),
+            source: Some(info.source.clone()).filter(|source| !source.is_empty()),
         }
     }
 }

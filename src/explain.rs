@@ -18,6 +18,8 @@ pub fn explain_running(gateway: &Arc<Gateway>, id: &QueueId) -> anyhow::Result<O
     };
     let policy = gateway.policy.current();
     let mut text = header(&message);
+    let pool = if message.envelope.pool.is_empty() { policy.pools.fallback.as_str() } else { message.envelope.pool.as_str() };
+    let _ = writeln!(text, "  pool {pool}");
     let now = unix_now();
     for (_, recipient) in &message.recipients {
         text.push_str(&recipient_line(recipient, now));
@@ -29,6 +31,13 @@ pub fn explain_running(gateway: &Arc<Gateway>, id: &QueueId) -> anyhow::Result<O
                 let view = gateway.scheduler.throttles.view(&site, &policy.shaping);
                 let open = gateway.scheduler.site_connections(&site);
                 let _ = writeln!(text, "    {}", describe(&site, &view, open));
+                for (source, day, cap, sent) in gateway.scheduler.sources.standings(gateway, &policy, &site) {
+                    let standing = match cap {
+                        Some(cap) => format!("day {day}, {sent} of {cap} sent today"),
+                        None => format!("warm after {} days", day - 1),
+                    };
+                    let _ = writeln!(text, "    warmup of source {source} at {site}: {standing}");
+                }
             }
             None => {
                 let _ = writeln!(text, "    site not known yet: no delivery to {} has resolved its MX hosts since the start", recipient.domain);

@@ -70,6 +70,7 @@ impl Gateway {
                 smtputf8: submission.smtputf8,
                 eight_bit: submission.eight_bit,
                 is_dsn: false,
+                pool: processed.pool.clone(),
             },
             recipients: submission
                 .recipients
@@ -100,7 +101,7 @@ impl Gateway {
         }
         self.metrics
             .routed_messages
-            .with_label_values(&[crate::metrics::DEFAULT_POOL])
+            .with_label_values(&[processed.pool.as_str()])
             .inc();
         let mut event = Event::received(&message);
         event.dkim_domain = processed.signed_for;
@@ -139,7 +140,7 @@ impl Gateway {
         domains.dedup();
         for domain in domains {
             self.scheduler
-                .schedule(self, message.id.clone(), domain.to_string(), 0);
+                .schedule(self, message.id.clone(), domain.to_string(), message.envelope.pool.clone(), 0);
         }
     }
 }

@@ -21,6 +21,7 @@ pub enum RejectReason {
     Unsigned,
     Alignment,
     Unsubscribe,
+    Pool,
 }
 
 impl RejectReason {
@@ -35,13 +36,10 @@ impl RejectReason {
             RejectReason::Unsigned => "unsigned",
             RejectReason::Alignment => "alignment",
             RejectReason::Unsubscribe => "unsubscribe",
+            RejectReason::Pool => "pool",
         }
     }
 }
-
-/// Pool and source labels until pools and source binding exist.
-pub const DEFAULT_POOL: &str = "default";
-pub const DEFAULT_SOURCE: &str = "default";
 
 pub struct Metrics {
     pub registry: Registry,
@@ -86,6 +84,11 @@ pub struct Metrics {
     pub shaping_wait_seconds: HistogramVec,
     /// Sites now in backoff and in suspension, by `state`.
     pub sites_throttled: IntGaugeVec,
+    // Warmup, by `source` and `site`.
+    pub warmup_day: IntGaugeVec,
+    pub warmup_cap: IntGaugeVec,
+    pub warmup_sent: IntGaugeVec,
+    pub warmup_holds: IntCounterVec,
     // DNS.
     pub dns_lookups: IntCounterVec,
     pub dns_lookup_seconds: HistogramVec,
@@ -200,6 +203,18 @@ impl Metrics {
                 &[0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0],
             ),
             sites_throttled: gauges("baton_sites_throttled", "Sites now in backoff or suspension, by state", &["state"]),
+            warmup_day: gauges("baton_warmup_day", "Warmup schedule day of a source at a site, from 1", &["source", "site"]),
+            warmup_cap: gauges(
+                "baton_warmup_cap",
+                "Messages a warming source may send to a site today; 0 once the source is warm",
+                &["source", "site"],
+            ),
+            warmup_sent: gauges("baton_warmup_sent", "Messages a warming source sent to a site today", &["source", "site"]),
+            warmup_holds: counters(
+                "baton_warmup_holds_total",
+                "Days a source's warmup did not advance at a site because its deferral or bounce rate was too high",
+                &["source", "site"],
+            ),
             dns_lookups: counters(
                 "baton_dns_lookups_total",
                 "DNS lookups made for delivery, by record type and result (ok, nxdomain, nodata, error)",
@@ -242,6 +257,10 @@ impl Metrics {
             Box::new(self.shaping_transitions.clone()),
             Box::new(self.shaping_wait_seconds.clone()),
             Box::new(self.sites_throttled.clone()),
+            Box::new(self.warmup_day.clone()),
+            Box::new(self.warmup_cap.clone()),
+            Box::new(self.warmup_sent.clone()),
+            Box::new(self.warmup_holds.clone()),
             Box::new(self.dns_lookups.clone()),
             Box::new(self.dns_lookup_seconds.clone()),
         ];

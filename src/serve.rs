@@ -95,7 +95,7 @@ fn resume_queue(gateway: &Arc<Gateway>) -> anyhow::Result<usize> {
         for (domain, due) in due_by_domain {
             gateway
                 .scheduler
-                .schedule(gateway, message.id.clone(), domain.to_string(), due);
+                .schedule(gateway, message.id.clone(), domain.to_string(), message.envelope.pool.clone(), due);
         }
         count += 1;
     }

@@ -4,11 +4,11 @@
 //! Message bytes are dot-stuffed only here, on the way to the wire; the
 //! spool keeps them unstuffed. The client writes only CRLF line ends.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::timeout;
 
 use crate::intake::session::Io;
@@ -45,6 +45,9 @@ pub enum Failure {
     Network(String),
     /// The TLS handshake failed; the caller may retry without STARTTLS.
     Tls(String),
+    /// The source address could not be bound (not configured on this
+    /// host); nothing was sent.
+    Unbindable(String),
 }
 
 impl Failure {
@@ -55,6 +58,7 @@ impl Failure {
             Failure::Rejected(reply) => reply.clone(),
             Failure::Network(text) => Reply::new(451, "4.4.2", text.clone()),
             Failure::Tls(text) => Reply::new(451, "4.7.5", text.clone()),
+            Failure::Unbindable(text) => Reply::new(451, "4.4.0", text.clone()),
         }
     }
 }
@@ -95,16 +99,29 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects, reads the greeting, sends EHLO and starts TLS when offered
-    /// and `tls` is given.
+    /// Connects from `bind` (or an address the system chooses), reads the
+    /// greeting, sends EHLO and starts TLS when offered and `tls` is given.
     pub async fn connect(
         mx: &str,
         address: SocketAddr,
+        bind: Option<IpAddr>,
         hostname: &str,
         tls: Option<&tokio_rustls::TlsConnector>,
         timeouts: Timeouts,
     ) -> Result<Client, Failure> {
-        let stream = match timeout(timeouts.connect, TcpStream::connect(address)).await {
+        let socket = match bind {
+            Some(ip) => Some(
+                bound_socket(ip).map_err(|error| Failure::Unbindable(format!("cannot bind source address {ip}: {error}")))?,
+            ),
+            None => None,
+        };
+        let connecting = async move {
+            match socket {
+                Some(socket) => socket.connect(address).await,
+                None => TcpStream::connect(address).await,
+            }
+        };
+        let stream = match timeout(timeouts.connect, connecting).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(error)) => {
                 return Err(Failure::Network(format!("connect to {mx}[{address}] failed: {error}")));
@@ -440,6 +457,13 @@ fn parse_extensions(reply: &Reply) -> Extensions {
         }
     }
     extensions
+}
+
+/// Returns a TCP socket bound to `ip` with a port the system chooses.
+fn bound_socket(ip: IpAddr) -> std::io::Result<TcpSocket> {
+    let socket = if ip.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.bind(SocketAddr::new(ip, 0))?;
+    Ok(socket)
 }
 
 /// Returns `data` dot-stuffed and ended with `.CRLF`. Data that does not end

@@ -110,6 +110,7 @@ pub fn build(
             smtputf8: envelope.smtputf8,
             eight_bit: envelope.eight_bit,
             is_dsn: true,
+            pool: String::new(),
         },
         recipients: vec![RecipientRecord::new(sender.address, sender.domain)],
         data,

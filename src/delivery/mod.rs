@@ -17,8 +17,8 @@ use client::{Client, Envelope, Failure, Timeouts};
 use mx::{RouteError, Target};
 
 use crate::events::AttemptInfo;
-use crate::metrics::{DEFAULT_POOL, DEFAULT_SOURCE};
 use crate::policy::shaping::Action;
+use crate::scheduler::Lane;
 use crate::scheduler::throttle::SiteView;
 use crate::gateway::Gateway;
 use crate::intake::address::smtp_path;
@@ -26,48 +26,58 @@ use crate::reply::Reply;
 use crate::spool::record::unix_now;
 use crate::spool::{QueueId, RecipientRecord};
 
-/// Runs one delivery connection for `domain` until its ready queue is empty.
-/// `site` is set when the scheduler already counted the connection at the
-/// domain's site; otherwise the connection finds the site first.
-pub async fn run_connection(gateway: Arc<Gateway>, domain: String, site: Option<String>) {
+/// Runs one delivery connection for `lane` (a domain, from one source)
+/// until its ready queue is empty. The scheduler counted the connection at
+/// `site` before starting it.
+pub async fn run_connection(gateway: Arc<Gateway>, lane: Lane, site: String) {
+    let policy = gateway.policy.current();
+    let source = policy
+        .pools
+        .get(&lane.pool)
+        .and_then(|pool| pool.sources.iter().find(|source| source.name == lane.source))
+        .cloned();
     let mut worker = Worker {
         gateway: gateway.clone(),
-        domain: domain.clone(),
+        domain: lane.domain.clone(),
+        lane: lane.clone(),
+        bind: source.as_ref().and_then(|source| source.ip),
+        ehlo: source
+            .and_then(|source| source.ehlo)
+            .unwrap_or_else(|| gateway.config.hostname.clone()),
         targets: None,
         client: None,
-        label: "other".to_string(),
-        site,
+        label: policy.shaping.metric_site(&site).to_string(),
+        site: site.clone(),
         connection_permitted: false,
     };
     // Wait for the site's connection rate before taking a job, so a job
     // never waits here while an open connection could send it.
-    if let Some(site) = worker.site.clone() {
-        let policy = gateway.policy.current();
-        worker.label = policy.shaping.metric_site(&site).to_string();
-        let view = gateway.scheduler.throttles.view(&site, &policy.shaping);
-        if let Some(limiter) = &view.connections {
-            worker.wait_for(limiter, &site, "connection").await;
-        }
-        worker.connection_permitted = true;
+    let view = gateway.scheduler.throttles.view(&site, &policy.shaping);
+    if let Some(limiter) = &view.connections {
+        worker.wait_for(limiter, &site, "connection").await;
     }
-    while let Some(id) = gateway.scheduler.next_job(&domain) {
+    worker.connection_permitted = true;
+    drop(policy);
+    while let Some(id) = gateway.scheduler.next_job(&lane) {
         match worker.deliver(&id).await {
             Ok(Flow::Continue) => {}
             Ok(Flow::Stop) => break,
+            Ok(Flow::Unbindable) => {
+                gateway.scheduler.reroute(&gateway, &lane, Some(id));
+                break;
+            }
             Err(error) => {
                 // The spool could not be read or written. Try the job again
                 // later rather than forget it.
-                tracing::error!(queue_id = %id, rcpt_domain = %domain, error = %format!("{error:#}"), "delivery failed on a spool error; retrying in 60s");
+                tracing::error!(queue_id = %id, rcpt_domain = %lane.domain, error = %format!("{error:#}"), "delivery failed on a spool error; retrying in 60s");
                 gateway
                     .scheduler
-                    .schedule(&gateway, id, domain.clone(), unix_now() + 60);
+                    .schedule(&gateway, id, lane.domain.clone(), lane.pool.clone(), unix_now() + 60);
             }
         }
     }
     worker.close().await;
-    gateway
-        .scheduler
-        .connection_closed(&gateway, &domain, worker.site.as_deref());
+    gateway.scheduler.connection_closed(&gateway, &lane, &site);
 }
 
 /// Whether a connection goes on to the next job.
@@ -75,16 +85,24 @@ enum Flow {
     Continue,
     /// The site is at its connection cap: this connection ends.
     Stop,
+    /// The source address cannot be bound: the lane's jobs need another
+    /// source.
+    Unbindable,
 }
 
 struct Worker {
     gateway: Arc<Gateway>,
     domain: String,
+    lane: Lane,
+    /// Address to bind outbound connections to; `None` lets the system choose.
+    bind: Option<std::net::IpAddr>,
+    /// Name to greet with.
+    ehlo: String,
     /// Resolved once per connection task; hickory caches by TTL across tasks.
     targets: Option<Result<Vec<Target>, RouteError>>,
     client: Option<Client>,
     /// The receiving site this connection is counted at.
-    site: Option<String>,
+    site: String,
     /// The site as a metric label.
     label: String,
     /// The site's connection rate already allowed the next connect.
@@ -112,33 +130,15 @@ impl Worker {
 
         let policy = self.gateway.policy.current();
         let targets = self.targets().await;
-        let mut view = None;
-        if let Ok(targets) = &targets {
-            let site = match &self.site {
-                Some(site) => site.clone(),
-                None => {
-                    let hosts: Vec<String> = targets.iter().map(|t| t.mx.clone()).collect();
-                    let site = policy.shaping.site_for(&self.domain, &hosts);
-                    self.gateway.scheduler.throttles.remember_site(&self.domain, &site);
-                    let cap = self.gateway.scheduler.throttles.view(&site, &policy.shaping).limits.connection_cap();
-                    if !self.gateway.scheduler.enter_site(&site, cap) {
-                        self.gateway.scheduler.requeue_front(&self.domain, id.clone());
-                        return Ok(Flow::Stop);
-                    }
-                    self.site = Some(site.clone());
-                    self.label = policy.shaping.metric_site(&site).to_string();
-                    site
-                }
-            };
-            let current = self.gateway.scheduler.throttles.view(&site, &policy.shaping);
-            if let Some(until) = current.suspended_until {
-                self.gateway
-                    .scheduler
-                    .schedule(&self.gateway, id.clone(), self.domain.clone(), until);
-                return Ok(Flow::Continue);
-            }
-            view = Some((site, current));
+        let site = self.site.clone();
+        let current = self.gateway.scheduler.throttles.view(&site, &policy.shaping);
+        if let Some(until) = current.suspended_until {
+            self.gateway
+                .scheduler
+                .schedule(&self.gateway, id.clone(), self.domain.clone(), self.lane.pool.clone(), until);
+            return Ok(Flow::Continue);
         }
+        let view = Some((site, current));
 
         let (mut replies, mut info) = match &targets {
             Ok(targets) => {
@@ -150,8 +150,14 @@ impl Worker {
                 (replies, AttemptInfo::default())
             }
         };
+        if info.unbindable {
+            return Ok(Flow::Unbindable);
+        }
 
         info.site = self.label.clone();
+        info.site_name = self.site.clone();
+        info.pool = self.lane.pool.clone();
+        info.source = self.lane.source.clone();
         let mut bounce = vec![false; replies.len()];
         let mut flow = Flow::Continue;
         if let Some((site, _)) = &view {
@@ -286,7 +292,7 @@ impl Worker {
             let info = AttemptInfo {
                 mx: Some(client.mx.clone()),
                 mx_ip: Some(client.address.ip().to_string()),
-                site: String::new(),
+                ..AttemptInfo::default()
             };
             if let Some(reply) = check_server_limits(client, &request, data) {
                 return (every(reply, false), info);
@@ -298,7 +304,7 @@ impl Worker {
             let metrics = &self.gateway.metrics;
             metrics
                 .delivery_attempts
-                .with_label_values(&[DEFAULT_POOL, DEFAULT_SOURCE, self.label.as_str()])
+                .with_label_values(&[self.lane.pool.as_str(), self.lane.source.as_str(), self.label.as_str()])
                 .inc();
             let client = self.client.as_mut().expect("connected above");
             let started = Instant::now();
@@ -357,30 +363,50 @@ impl Worker {
             data: config.delivery.data_timeout,
         };
         let mut last = None;
-        for target in targets {
+        // A bound source reaches only addresses of its own family.
+        let reachable: Vec<&Target> = targets
+            .iter()
+            .filter(|target| self.bind.is_none_or(|ip| ip.is_ipv4() == target.address.is_ipv4()))
+            .collect();
+        if reachable.is_empty() {
+            let family = if self.bind.is_some_and(|ip| ip.is_ipv4()) { "IPv4" } else { "IPv6" };
+            let text = format!("no MX address of {} is reachable from {family} source {}", self.domain, self.lane.source);
+            return Err((Failure::Network(text), AttemptInfo::default()));
+        }
+        for target in reachable {
             let info = AttemptInfo {
                 mx: Some(target.mx.clone()),
                 mx_ip: Some(target.address.ip().to_string()),
-                site: String::new(),
+                ..AttemptInfo::default()
             };
             let mut result = Client::connect(
                 &target.mx,
                 target.address,
-                &config.hostname,
+                self.bind,
+                &self.ehlo,
                 Some(&self.gateway.tls_connector),
                 timeouts,
             )
             .await;
             if let Err(Failure::Tls(error)) = &result {
                 tracing::info!(mx = %target.mx, ip = %target.address.ip(), %error, "STARTTLS failed; retrying without TLS");
-                result = Client::connect(&target.mx, target.address, &config.hostname, None, timeouts).await;
+                result = Client::connect(&target.mx, target.address, self.bind, &self.ehlo, None, timeouts).await;
+            }
+            if let Err(Failure::Unbindable(text)) = &result {
+                let until = self.gateway.scheduler.sources.pause(&self.lane.source);
+                tracing::warn!(source = %self.lane.source, pool = %self.lane.pool, error = %text, until = %crate::events::format_unix(until), "source address cannot be bound; its mail goes to the pool's other sources");
+                let info = AttemptInfo {
+                    unbindable: true,
+                    ..info
+                };
+                return Err((result.err().expect("matched an error"), info));
             }
             match result {
                 Ok(client) => {
                     self.gateway
                         .metrics
                         .outbound_connections
-                        .with_label_values(&[DEFAULT_SOURCE, self.label.as_str()])
+                        .with_label_values(&[self.lane.source.as_str(), self.label.as_str()])
                         .inc();
                     return Ok(client);
                 }
@@ -410,7 +436,7 @@ impl Worker {
             self.gateway
                 .metrics
                 .outbound_connections
-                .with_label_values(&[DEFAULT_SOURCE, self.label.as_str()])
+                .with_label_values(&[self.lane.source.as_str(), self.label.as_str()])
                 .dec();
         }
     }
@@ -420,7 +446,7 @@ impl Worker {
             self.gateway
                 .metrics
                 .outbound_connections
-                .with_label_values(&[DEFAULT_SOURCE, self.label.as_str()])
+                .with_label_values(&[self.lane.source.as_str(), self.label.as_str()])
                 .dec();
             client.quit().await;
         }

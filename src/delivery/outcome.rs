@@ -89,8 +89,9 @@ pub async fn apply(
         gateway
             .metrics
             .delivery_results
-            .with_label_values(&[crate::metrics::DEFAULT_POOL, crate::metrics::DEFAULT_SOURCE, site, event])
+            .with_label_values(&[info.pool.as_str(), info.source.as_str(), site, event])
             .inc();
+        gateway.scheduler.sources.record_outcome(gateway, &info.source, &info.site_name, event);
 
         let mut line = Event::outcome(event, id, envelope, &record.address, reply.one_line(), record.attempts, info);
         if record.state == RcptState::Deferred {
@@ -133,7 +134,9 @@ pub async fn apply(
         gateway.queue_new(notification);
     }
     if let Some(due) = next_due {
-        gateway.scheduler.schedule(gateway, id.clone(), domain, due);
+        gateway
+            .scheduler
+            .schedule(gateway, id.clone(), domain, envelope.pool.clone(), due);
     }
     if gateway.spool.remove_if_complete(id)? {
         gateway.metrics.queued_messages.dec();

@@ -6,6 +6,7 @@
 pub mod pools;
 pub mod senders;
 pub mod shaping;
+pub mod warmup;
 
 use std::path::PathBuf;
 
@@ -18,9 +19,10 @@ use crate::pipeline::dkim::DkimPolicy;
 /// Everything the pipeline reads from policy files, loaded together.
 pub struct Policy {
     pub dkim: DkimPolicy,
-    /// Source IPs from `pools.yaml`, for the SPF part of the alignment
-    /// check; empty without the file.
-    pub source_ips: Vec<std::net::IpAddr>,
+    /// Outbound pools and routing from `pools.yaml`.
+    pub pools: pools::Pools,
+    /// Warmup schedules from `warmup.yaml`.
+    pub warmup: warmup::Schedules,
     /// Delivery limits per site and throttling response rules.
     pub shaping: shaping::Shaping,
 }
@@ -31,12 +33,37 @@ pub fn check(policies: &std::path::Path, keys: &std::path::Path) -> anyhow::Resu
     let policy = PolicyStore::read(policies, keys)?;
     let (domains, selectors) = policy.dkim.summary();
     println!(
-        "{}: ok ({domains} signing domains with {selectors} selectors, {} source IPs, {} shaping response rules)",
+        "{}: ok ({domains} signing domains with {selectors} selectors, {} pools with {} sources, {} warmup schedules, {} shaping response rules)",
         policies.display(),
-        policy.source_ips.len(),
+        policy.pools.pools.len(),
+        policy.pools.sources().count(),
+        policy.warmup.len(),
         policy.shaping.rules.len()
     );
     Ok(())
+}
+
+/// Loads `pools.yaml` and the `warmup.yaml` schedules its sources name;
+/// either file may be absent.
+pub fn load_pools(policies: &std::path::Path) -> anyhow::Result<(pools::Pools, warmup::Schedules)> {
+    let warmup = match read_optional(&policies.join("warmup.yaml"))? {
+        Some((path, text)) => warmup::Schedules::parse(&text).with_context(|| format!("invalid {}", path.display()))?,
+        None => warmup::Schedules::default(),
+    };
+    let pools = match read_optional(&policies.join("pools.yaml"))? {
+        Some((path, text)) => pools::Pools::parse(&text, &warmup).with_context(|| format!("invalid {}", path.display()))?,
+        None => pools::Pools::default(),
+    };
+    Ok((pools, warmup))
+}
+
+/// Reads a policy file that may be absent.
+fn read_optional(path: &std::path::Path) -> anyhow::Result<Option<(PathBuf, String)>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some((path.to_path_buf(), text))),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(error).with_context(|| format!("cannot read {}", path.display())),
+    }
 }
 
 pub struct PolicyStore {
@@ -60,18 +87,12 @@ impl PolicyStore {
         let dkim = DkimPolicy::load(policies, keys)?;
         let (domains, selectors) = dkim.summary();
         tracing::info!(domains, selectors, "DKIM policy loaded");
-        let pools_path = policies.join("pools.yaml");
-        let source_ips = match std::fs::read_to_string(&pools_path) {
-            Ok(text) => pools::PoolsFile::parse(&text)
-                .with_context(|| format!("invalid {}", pools_path.display()))?
-                .source_ips(),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(error) => return Err(error).with_context(|| format!("cannot read {}", pools_path.display())),
-        };
+        let (pools, warmup) = load_pools(policies)?;
         let shaping = shaping::Shaping::load(policies)?;
         Ok(Policy {
             dkim,
-            source_ips,
+            pools,
+            warmup,
             shaping,
         })
     }

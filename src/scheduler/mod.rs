@@ -1,13 +1,17 @@
 //! The scheduler owns delivery timing. Each job is one message's recipients
-//! at one domain. A job waits in a timer heap until its time comes, then in
-//! its domain's ready queue until a delivery connection takes it.
+//! at one domain. A job waits in a timer heap until its time comes. Then
+//! the domain's receiving site is found (once per domain, by an MX lookup)
+//! and a source of the message's pool is chosen for the job. The job waits
+//! in the ready queue of its lane (domain and source) until a delivery
+//! connection from that source takes it.
 //!
 //! Nothing polls: the timer task sleeps until the earliest job is due or a
 //! new job is scheduled, and connections are started when jobs become ready
-//! and stop when their domain's ready queue is empty. Connection caps per
+//! and stop when their lane's ready queue is empty. Connection caps per
 //! receiving site (from the shaping policy) and in total are enforced here;
 //! a suspended site's jobs wait in the timer heap until the suspension ends.
 
+pub mod sources;
 pub mod throttle;
 
 use std::cmp::Reverse;
@@ -25,26 +29,38 @@ use crate::spool::record::unix_now;
 struct Job {
     id: QueueId,
     domain: String,
+    pool: String,
+}
+
+/// Queue key of ready jobs: one recipient domain, sent from one source.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Lane {
+    pub domain: String,
+    pub pool: String,
+    pub source: String,
 }
 
 #[derive(Default)]
-struct DomainQueue {
+struct LaneQueue {
     ready: VecDeque<QueueId>,
     connections: usize,
+    site: String,
 }
 
 #[derive(Default)]
 struct State {
     /// Jobs not yet due, by due time (seconds since the Unix epoch).
     timers: BinaryHeap<Reverse<(u64, Job)>>,
-    domains: HashMap<String, DomainQueue>,
+    lanes: HashMap<Lane, LaneQueue>,
+    /// Due jobs of domains whose site is being looked up.
+    unsited: HashMap<String, Vec<Job>>,
     connections: usize,
-    /// Open or starting connections per site, once the site is known.
+    /// Open or starting connections per site.
     site_connections: HashMap<String, usize>,
-    /// Domains with ready jobs that wait for a free connection under the
+    /// Lanes with ready jobs that wait for a free connection under the
     /// total cap, oldest first.
-    starved: VecDeque<String>,
-    starved_set: HashSet<String>,
+    starved: VecDeque<Lane>,
+    starved_set: HashSet<Lane>,
 }
 
 pub struct Scheduler {
@@ -52,6 +68,7 @@ pub struct Scheduler {
     wake: Notify,
     max_connections: usize,
     pub throttles: throttle::Throttles,
+    pub sources: sources::Sources,
 }
 
 /// Snapshot of one domain's queue, for `baton queue list`.
@@ -70,135 +87,203 @@ impl Scheduler {
             wake: Notify::new(),
             max_connections,
             throttles: throttle::Throttles::default(),
+            sources: sources::Sources::default(),
         }
     }
 
-    /// Schedules delivery of message `id` to `domain` not before `due`
-    /// (seconds since the Unix epoch; 0 or a past time means now).
-    pub fn schedule(&self, gateway: &Arc<Gateway>, id: QueueId, domain: String, due: u64) {
+    /// Schedules delivery of message `id` of `pool` to `domain` not before
+    /// `due` (seconds since the Unix epoch; 0 or a past time means now).
+    pub fn schedule(&self, gateway: &Arc<Gateway>, id: QueueId, domain: String, pool: String, due: u64) {
+        let job = Job { id, domain, pool };
         if due > unix_now() {
-            let mut state = self.state.lock().expect("scheduler lock");
-            state.timers.push(Reverse((due, Job { id, domain })));
-            drop(state);
-            self.wake.notify_one();
+            self.wait(job, due);
             return;
         }
-        {
-            let mut state = self.state.lock().expect("scheduler lock");
-            state.domains.entry(domain.clone()).or_default().ready.push_back(id);
+        if let Some(lane) = self.make_ready(gateway, job) {
+            self.dispatch(gateway, &lane);
         }
-        self.dispatch(gateway, &domain);
     }
 
-    /// Runs the timer: moves due jobs to their ready queues. Never returns.
+    fn wait(&self, job: Job, until: u64) {
+        let mut state = self.state.lock().expect("scheduler lock");
+        state.timers.push(Reverse((until, job)));
+        drop(state);
+        self.wake.notify_one();
+    }
+
+    /// Moves a due job to a lane's ready queue and returns the lane, or
+    /// parks it until its site is known or a source can take it.
+    fn make_ready(&self, gateway: &Arc<Gateway>, job: Job) -> Option<Lane> {
+        let Some(site) = self.throttles.site_of(&job.domain) else {
+            let mut state = self.state.lock().expect("scheduler lock");
+            let waiting = state.unsited.entry(job.domain.clone()).or_default();
+            waiting.push(job.clone());
+            if waiting.len() == 1 {
+                tokio::spawn(find_site(gateway.clone(), job.domain));
+            }
+            return None;
+        };
+        self.place(gateway, job, &site)
+    }
+
+    /// Chooses the job's source for `site` and queues it in that lane.
+    fn place(&self, gateway: &Arc<Gateway>, job: Job, site: &str) -> Option<Lane> {
+        let policy = gateway.policy.current();
+        let view = self.throttles.view(site, &policy.shaping);
+        if let Some(until) = view.suspended_until {
+            self.wait(job, until);
+            return None;
+        }
+        match self.sources.choose(gateway, &policy, &job.pool, site) {
+            sources::Choice::Source(source) => {
+                let lane = Lane {
+                    domain: job.domain,
+                    pool: job.pool,
+                    source,
+                };
+                let mut state = self.state.lock().expect("scheduler lock");
+                let queue = state.lanes.entry(lane.clone()).or_default();
+                queue.site = site.to_string();
+                queue.ready.push_back(job.id);
+                Some(lane)
+            }
+            sources::Choice::Wait(until) => {
+                tracing::debug!(queue_id = %job.id, pool = %job.pool, site, until = %crate::events::format_unix(until), "no source of the pool can take the message now");
+                self.wait(job, until);
+                None
+            }
+        }
+    }
+
+    /// Runs the timer: moves due jobs on. Never returns.
     pub async fn run_timer(gateway: Arc<Gateway>) {
         let scheduler = &gateway.scheduler;
         loop {
-            let (due_domains, sleep) = {
+            let (due, sleep) = {
                 let mut state = scheduler.state.lock().expect("scheduler lock");
                 let now = unix_now();
-                let mut due_domains = HashSet::new();
-                while let Some(Reverse((due, _))) = state.timers.peek() {
-                    if *due > now {
+                let mut due = Vec::new();
+                while let Some(Reverse((time, _))) = state.timers.peek() {
+                    if *time > now {
                         break;
                     }
                     let Reverse((_, job)) = state.timers.pop().expect("peeked");
-                    state.domains.entry(job.domain.clone()).or_default().ready.push_back(job.id);
-                    due_domains.insert(job.domain);
+                    due.push(job);
                 }
                 // Wake at the next whole second after the earliest due time.
                 let sleep = state
                     .timers
                     .peek()
-                    .map(|Reverse((due, _))| Duration::from_secs(due.saturating_sub(now)))
+                    .map(|Reverse((time, _))| Duration::from_secs(time.saturating_sub(now)))
                     .unwrap_or(Duration::from_secs(3600));
-                (due_domains, sleep)
+                (due, sleep)
             };
-            for domain in due_domains {
-                scheduler.dispatch(&gateway, &domain);
+            let mut lanes = HashSet::new();
+            for job in due {
+                lanes.extend(scheduler.make_ready(&gateway, job));
+            }
+            for lane in lanes {
+                scheduler.dispatch(&gateway, &lane);
             }
             let _ = tokio::time::timeout(sleep.max(Duration::from_millis(50)), scheduler.wake.notified()).await;
         }
     }
 
-    /// Starts delivery connections for `domain` while it has ready jobs and
-    /// the caps allow. Until the domain's site is known, one connection
-    /// starts and finds it.
-    fn dispatch(&self, gateway: &Arc<Gateway>, domain: &str) {
-        let site = self.throttles.site_of(domain);
-        let view = site.as_ref().map(|site| {
-            let policy = gateway.policy.current();
-            self.throttles.view(site, &policy.shaping)
-        });
-        if let Some(until) = view.as_ref().and_then(|v| v.suspended_until) {
-            self.defer_ready(domain, until);
+    /// Starts delivery connections for `lane` while it has ready jobs and
+    /// the caps allow.
+    fn dispatch(&self, gateway: &Arc<Gateway>, lane: &Lane) {
+        let site = {
+            let state = self.state.lock().expect("scheduler lock");
+            match state.lanes.get(lane) {
+                Some(queue) => queue.site.clone(),
+                None => return,
+            }
+        };
+        let policy = gateway.policy.current();
+        let view = self.throttles.view(&site, &policy.shaping);
+        if let Some(until) = view.suspended_until {
+            self.defer_ready(gateway, lane, until);
             return;
         }
         let starts = {
             let mut state = self.state.lock().expect("scheduler lock");
             let total_free = self.max_connections.saturating_sub(state.connections);
-            let site_open = site.as_ref().map_or(0, |s| state.site_connections.get(s).copied().unwrap_or(0));
-            let Some(queue) = state.domains.get_mut(domain) else {
+            let site_open = state.site_connections.get(&site).copied().unwrap_or(0);
+            let Some(queue) = state.lanes.get_mut(lane) else {
                 return;
             };
-            let site_free = match &view {
-                Some(view) => view.limits.connection_cap().saturating_sub(site_open),
-                None => 1usize.saturating_sub(queue.connections),
-            };
+            let site_free = view.limits.connection_cap().saturating_sub(site_open);
             let needed = queue.ready.len().saturating_sub(queue.connections);
-            let allowed = needed.min(site_free);
-            let starts = allowed.min(total_free);
+            let starts = needed.min(site_free).min(total_free);
             queue.connections += starts;
             state.connections += starts;
-            if let Some(site) = &site {
-                *state.site_connections.entry(site.clone()).or_default() += starts;
-            }
+            *state.site_connections.entry(site.clone()).or_default() += starts;
             // Waiting for a connection slot anywhere: retry when one closes.
-            if needed > starts && state.starved_set.insert(domain.to_string()) {
-                state.starved.push_back(domain.to_string());
+            if needed > starts && state.starved_set.insert(lane.clone()) {
+                state.starved.push_back(lane.clone());
             }
             starts
         };
         for _ in 0..starts {
             let gateway = gateway.clone();
-            let domain = domain.to_string();
+            let lane = lane.clone();
             let site = site.clone();
             tokio::spawn(async move {
-                crate::delivery::run_connection(gateway, domain, site).await;
+                crate::delivery::run_connection(gateway, lane, site).await;
             });
         }
     }
 
-    /// Moves every ready job of `domain` to the timer heap at `until`.
-    pub fn defer_ready(&self, domain: &str, until: u64) {
-        let mut state = self.state.lock().expect("scheduler lock");
-        let Some(queue) = state.domains.get_mut(domain) else {
-            return;
+    /// Moves every ready job of `lane` back to the timer heap at `until`;
+    /// their warmup counts are given back, since they were not attempted.
+    pub fn defer_ready(&self, gateway: &Gateway, lane: &Lane, until: u64) {
+        let (jobs, site) = {
+            let mut state = self.state.lock().expect("scheduler lock");
+            let Some(queue) = state.lanes.get_mut(lane) else {
+                return;
+            };
+            let jobs: Vec<QueueId> = queue.ready.drain(..).collect();
+            let site = queue.site.clone();
+            for id in &jobs {
+                let job = Job {
+                    id: id.clone(),
+                    domain: lane.domain.clone(),
+                    pool: lane.pool.clone(),
+                };
+                state.timers.push(Reverse((until, job)));
+            }
+            (jobs, site)
         };
-        let jobs: Vec<QueueId> = queue.ready.drain(..).collect();
-        for id in jobs {
-            state.timers.push(Reverse((until, Job { id, domain: domain.to_string() })));
+        for _ in &jobs {
+            self.sources.give_back(gateway, &lane.source, &site);
         }
-        drop(state);
         self.wake.notify_one();
     }
 
-    /// Counts a connection that found its site after it started. Returns
-    /// false when the site is at its cap; the connection must then end.
-    pub fn enter_site(&self, site: &str, cap: usize) -> bool {
-        let mut state = self.state.lock().expect("scheduler lock");
-        let open = state.site_connections.entry(site.to_string()).or_default();
-        if *open >= cap {
-            return false;
+    /// Takes `lane`'s ready jobs, and `id` if given, away from a source whose
+    /// address cannot be bound, and chooses another source for each.
+    pub fn reroute(&self, gateway: &Arc<Gateway>, lane: &Lane, id: Option<QueueId>) {
+        let (mut jobs, site) = {
+            let mut state = self.state.lock().expect("scheduler lock");
+            let Some(queue) = state.lanes.get_mut(lane) else {
+                return;
+            };
+            (queue.ready.drain(..).collect::<Vec<_>>(), queue.site.clone())
+        };
+        jobs.extend(id);
+        let mut lanes = HashSet::new();
+        for id in jobs {
+            self.sources.give_back(gateway, &lane.source, &site);
+            let job = Job {
+                id,
+                domain: lane.domain.clone(),
+                pool: lane.pool.clone(),
+            };
+            lanes.extend(self.place(gateway, job, &site));
         }
-        *open += 1;
-        true
-    }
-
-    /// Puts a job back at the front of its domain's ready queue.
-    pub fn requeue_front(&self, domain: &str, id: QueueId) {
-        let mut state = self.state.lock().expect("scheduler lock");
-        state.domains.entry(domain.to_string()).or_default().ready.push_front(id);
+        for other in lanes {
+            self.dispatch(gateway, &other);
+        }
     }
 
     /// Returns the number of open connections to `site`.
@@ -207,49 +292,55 @@ impl Scheduler {
         state.site_connections.get(site).copied().unwrap_or(0)
     }
 
-    /// Takes the next ready job of `domain`, for a connection to that domain.
-    pub fn next_job(&self, domain: &str) -> Option<QueueId> {
+    /// Takes the next ready job of `lane`, for a connection of that lane.
+    pub fn next_job(&self, lane: &Lane) -> Option<QueueId> {
         let mut state = self.state.lock().expect("scheduler lock");
-        state.domains.get_mut(domain)?.ready.pop_front()
+        state.lanes.get_mut(lane)?.ready.pop_front()
     }
 
-    /// Records that a connection to `domain` (counted at `site`, if it got
-    /// that far) ended, and hands its slot to waiting work.
-    pub fn connection_closed(&self, gateway: &Arc<Gateway>, domain: &str, site: Option<&str>) {
+    /// Records that a connection of `lane` to `site` ended, and hands its
+    /// slot to waiting work.
+    pub fn connection_closed(&self, gateway: &Arc<Gateway>, lane: &Lane, site: &str) {
         let starved = {
             let mut state = self.state.lock().expect("scheduler lock");
             state.connections -= 1;
-            if let Some(site) = site
-                && let Some(open) = state.site_connections.get_mut(site)
-            {
+            if let Some(open) = state.site_connections.get_mut(site) {
                 *open = open.saturating_sub(1);
                 if *open == 0 {
                     state.site_connections.remove(site);
                 }
             }
-            if let Some(queue) = state.domains.get_mut(domain) {
+            if let Some(queue) = state.lanes.get_mut(lane) {
                 queue.connections -= 1;
                 if queue.connections == 0 && queue.ready.is_empty() {
-                    state.domains.remove(domain);
+                    state.lanes.remove(lane);
                 }
             }
-            let starved: Vec<String> = state.starved.drain(..).collect();
+            let starved: Vec<Lane> = state.starved.drain(..).collect();
             state.starved_set.clear();
             starved
         };
-        self.dispatch(gateway, domain);
+        self.dispatch(gateway, lane);
         for other in starved {
             self.dispatch(gateway, &other);
         }
     }
 
-    /// Returns where a job waits: `Some(None)` in its domain's ready queue,
+    /// Returns where a job waits: `Some(None)` in a ready queue,
     /// `Some(Some(due))` in the timer heap, `None` when not queued (being
     /// delivered now, or finished). Scans the queues: for operators, not
     /// for the delivery path.
     pub fn job_position(&self, id: &QueueId, domain: &str) -> Option<Option<u64>> {
         let state = self.state.lock().expect("scheduler lock");
-        if state.domains.get(domain).is_some_and(|q| q.ready.contains(id)) {
+        let ready = state
+            .lanes
+            .iter()
+            .any(|(lane, queue)| lane.domain == domain && queue.ready.contains(id));
+        let unsited = state
+            .unsited
+            .get(domain)
+            .is_some_and(|jobs| jobs.iter().any(|job| job.id == *id));
+        if ready || unsited {
             return Some(None);
         }
         state
@@ -268,14 +359,15 @@ impl Scheduler {
     pub fn domain_stats(&self) -> HashMap<String, (usize, usize, u64)> {
         let state = self.state.lock().expect("scheduler lock");
         let mut stats: HashMap<String, (usize, usize, u64)> = HashMap::new();
-        for (domain, queue) in &state.domains {
-            let entry = stats.entry(domain.clone()).or_insert((0, 0, u64::MAX));
+        for (lane, queue) in &state.lanes {
+            let entry = stats.entry(lane.domain.clone()).or_insert((0, 0, u64::MAX));
             entry.0 += queue.ready.len();
             for id in &queue.ready {
                 entry.2 = entry.2.min(id.received_micros());
             }
         }
-        for Reverse((_, job)) in state.timers.iter() {
+        let parked = state.unsited.values().flatten();
+        for job in parked.chain(state.timers.iter().map(|Reverse((_, job))| job)) {
             let entry = stats.entry(job.domain.clone()).or_insert((0, 0, u64::MAX));
             entry.1 += 1;
             entry.2 = entry.2.min(job.id.received_micros());
@@ -287,30 +379,54 @@ impl Scheduler {
     pub fn summary(&self) -> Vec<DomainSummary> {
         let state = self.state.lock().expect("scheduler lock");
         let mut summaries: HashMap<&str, DomainSummary> = HashMap::new();
-        for (domain, queue) in &state.domains {
-            summaries.insert(
-                domain,
-                DomainSummary {
-                    domain: domain.clone(),
-                    ready: queue.ready.len(),
-                    waiting: 0,
-                    connections: queue.connections,
-                },
-            );
+        let empty = |domain: &str| DomainSummary {
+            domain: domain.to_string(),
+            ready: 0,
+            waiting: 0,
+            connections: 0,
+        };
+        for (lane, queue) in &state.lanes {
+            let summary = summaries.entry(&lane.domain).or_insert_with(|| empty(&lane.domain));
+            summary.ready += queue.ready.len();
+            summary.connections += queue.connections;
         }
-        for Reverse((_, job)) in state.timers.iter() {
-            summaries
-                .entry(&job.domain)
-                .or_insert_with(|| DomainSummary {
-                    domain: job.domain.clone(),
-                    ready: 0,
-                    waiting: 0,
-                    connections: 0,
-                })
-                .waiting += 1;
+        let parked = state.unsited.values().flatten();
+        for job in parked.chain(state.timers.iter().map(|Reverse((_, job))| job)) {
+            summaries.entry(&job.domain).or_insert_with(|| empty(&job.domain)).waiting += 1;
         }
         let mut list: Vec<DomainSummary> = summaries.into_values().collect();
         list.sort_by(|a, b| a.domain.cmp(&b.domain));
         list
+    }
+}
+
+/// Looks up the receiving site of `domain` from its MX hosts, then places
+/// the jobs that waited for it. A failed lookup places them at the domain
+/// itself as the site, uncached, and delivery reports the failure.
+async fn find_site(gateway: Arc<Gateway>, domain: String) {
+    let config = &gateway.config.delivery;
+    let route = config.routes.get(&domain).and_then(|text| crate::delivery::mx::parse_route(text).ok());
+    let resolved = crate::delivery::mx::resolve(&gateway.resolver, &gateway.metrics, &domain, config.remote_port, route.as_ref()).await;
+    let policy = gateway.policy.current();
+    let site = match &resolved {
+        Ok(targets) => {
+            let hosts: Vec<String> = targets.iter().map(|target| target.mx.clone()).collect();
+            let site = policy.shaping.site_for(&domain, &hosts);
+            gateway.scheduler.throttles.remember_site(&domain, &site);
+            site
+        }
+        Err(_) => policy.shaping.site_for(&domain, &[]),
+    };
+    let scheduler = &gateway.scheduler;
+    let jobs = {
+        let mut state = scheduler.state.lock().expect("scheduler lock");
+        state.unsited.remove(&domain).unwrap_or_default()
+    };
+    let mut lanes = HashSet::new();
+    for job in jobs {
+        lanes.extend(scheduler.place(&gateway, job, &site));
+    }
+    for lane in lanes {
+        scheduler.dispatch(&gateway, &lane);
     }
 }

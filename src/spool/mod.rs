@@ -14,6 +14,9 @@
 //! - `r/<id>/<nnnn>`: recipient number `nnnn` (decimal, zero-padded), a
 //!   [`RecipientRecord`] as JSON.
 //!
+//! A second tree, `warmup`, keeps each warming source's counters per site
+//! under `<source>/<site>`, as JSON.
+//!
 //! A message is removed, all three kinds at once, when no recipient is still
 //! queued or deferred. "In flight" is not stored: after a crash a recipient
 //! that was being delivered is still queued and is tried again, so a message
@@ -27,6 +30,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
+
+use crate::policy::warmup::Counters;
 
 pub use record::{EnvelopeRecord, QueueId, RcptState, RecipientRecord};
 
@@ -215,6 +220,24 @@ impl Spool {
     /// Returns the bytes the spool takes on disk.
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
+    }
+
+    /// Returns the stored warmup counters of `source` at `site`.
+    pub fn warmup_counters(&self, source: &str, site: &str) -> anyhow::Result<Option<Counters>> {
+        let tree = self.db.open_tree("warmup")?;
+        match tree.get(format!("{source}/{site}"))? {
+            Some(bytes) => Ok(Some(serde_json::from_slice(&bytes).context("invalid warmup counters")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Stores warmup counters. They reach the disk with the next flush:
+    /// a crash may lose the latest counts, so the source sends less that
+    /// day, never more than its cap plus what was in flight.
+    pub fn save_warmup_counters(&self, source: &str, site: &str, counters: &Counters) -> anyhow::Result<()> {
+        let tree = self.db.open_tree("warmup")?;
+        tree.insert(format!("{source}/{site}"), serde_json::to_vec(counters)?)?;
+        Ok(())
     }
 }
 

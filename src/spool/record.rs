@@ -71,6 +71,10 @@ pub struct EnvelopeRecord {
     /// no DSN is ever made about it, so bounces cannot loop.
     #[serde(default)]
     pub is_dsn: bool,
+    /// Outbound pool; empty for messages stored before pools existed, and
+    /// for DSNs, which use the fallback pool.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pool: String,
 }
 
 /// State of one recipient. Only the pending states survive in a stored
