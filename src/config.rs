@@ -116,6 +116,10 @@ pub struct DeliveryConfig {
     /// Most outbound connections in all. Limits per receiving site are in
     /// `policies/shaping.yaml`.
     pub max_connections: usize,
+    /// On SIGTERM, how long deliveries in flight may go on before the
+    /// process exits anyway.
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_grace: Duration,
     /// Fixed next hops by recipient domain, bypassing MX lookup: a value is
     /// `host` or `host:port`, where host is a name or an IP address.
     pub routes: BTreeMap<String, String>,
@@ -185,6 +189,7 @@ impl Default for DeliveryConfig {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(600),
             max_connections: 500,
+            shutdown_grace: Duration::from_secs(30),
             routes: BTreeMap::new(),
         }
     }

@@ -45,9 +45,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let resumed = resume_queue(&gateway)?;
     tokio::spawn(crate::scheduler::Scheduler::run_timer(gateway.clone()));
+    let mut intake = Vec::new();
     for listener in smtp_listeners {
         tracing::info!(address = %listener.local_addr()?, "SMTP intake listening");
-        tokio::spawn(crate::intake::serve(gateway.clone(), listener));
+        intake.push(tokio::spawn(crate::intake::serve(gateway.clone(), listener)));
     }
     tracing::info!(address = %http_address, "HTTP listening");
     let router = crate::http::router(gateway.clone());
@@ -64,7 +65,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     wait_for_shutdown().await;
-    tracing::info!("shutting down");
+    // Closing the listeners refuses new clients; sessions already open go
+    // on until the exit, and anything they got a 250 for is on disk.
+    for task in intake {
+        task.abort();
+    }
+    gateway.scheduler.drain();
+    let grace = gateway.config.delivery.shutdown_grace;
+    tracing::info!(in_flight = gateway.scheduler.open_connections(), grace = %humantime::format_duration(grace), "shutting down: intake closed, waiting for deliveries in flight");
+    let deadline = tokio::time::Instant::now() + grace;
+    while gateway.scheduler.open_connections() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let cut = gateway.scheduler.open_connections();
+    if cut > 0 {
+        tracing::warn!(connections = cut, "grace time over; the messages these connections were sending stay queued and are retried after the restart");
+    }
     // Everything acknowledged is already on disk; this flush only saves
     // recent state changes so fewer deliveries repeat after the restart.
     if let Err(error) = gateway.spool.flush().await {

@@ -16,6 +16,7 @@ pub mod throttle;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -65,6 +66,8 @@ struct State {
 
 pub struct Scheduler {
     state: Mutex<State>,
+    /// Set at shutdown: no connection starts and none takes another job.
+    draining: AtomicBool,
     wake: Notify,
     max_connections: usize,
     pub throttles: throttle::Throttles,
@@ -84,6 +87,7 @@ impl Scheduler {
     pub fn new(max_connections: usize) -> Scheduler {
         Scheduler {
             state: Mutex::new(State::default()),
+            draining: AtomicBool::new(false),
             wake: Notify::new(),
             max_connections,
             throttles: throttle::Throttles::default(),
@@ -192,6 +196,9 @@ impl Scheduler {
     /// Starts delivery connections for `lane` while it has ready jobs and
     /// the caps allow.
     fn dispatch(&self, gateway: &Arc<Gateway>, lane: &Lane) {
+        if self.draining.load(Ordering::Relaxed) {
+            return;
+        }
         let site = {
             let state = self.state.lock().expect("scheduler lock");
             match state.lanes.get(lane) {
@@ -286,6 +293,17 @@ impl Scheduler {
         }
     }
 
+    /// Stops delivery for shutdown: connections end after their current
+    /// transaction and no new one starts. Queued jobs stay in the spool.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Returns the number of delivery connections open or starting.
+    pub fn open_connections(&self) -> usize {
+        self.state.lock().expect("scheduler lock").connections
+    }
+
     /// Returns the number of open connections to `site`.
     pub fn site_connections(&self, site: &str) -> usize {
         let state = self.state.lock().expect("scheduler lock");
@@ -294,6 +312,9 @@ impl Scheduler {
 
     /// Takes the next ready job of `lane`, for a connection of that lane.
     pub fn next_job(&self, lane: &Lane) -> Option<QueueId> {
+        if self.draining.load(Ordering::Relaxed) {
+            return None;
+        }
         let mut state = self.state.lock().expect("scheduler lock");
         state.lanes.get_mut(lane)?.ready.pop_front()
     }
