@@ -333,6 +333,13 @@ fn promtool_checks_alert_rules() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "promtool check rules {} failed:\n{stdout}\n{stderr}", path.display());
     assert!(stdout.contains("SUCCESS"), "{stdout}");
+
+    // The unit tests in alerts_test.yaml fire alerts on synthetic series.
+    let tests = dashboards_folder().join("alerts_test.yaml");
+    let output = Command::new(PROMTOOL).arg("test").arg("rules").arg(&tests).output().expect("run promtool");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "promtool test rules {} failed:\n{stdout}\n{stderr}", tests.display());
 }
 
 #[tokio::test]
