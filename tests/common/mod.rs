@@ -1,10 +1,12 @@
-//! Shared integration-test harness: a test DNS server (`dns`) and a scripted
-//! receiving SMTP server (`receiver`). Use with `mod common;`.
+//! Shared integration-test harness: a test DNS server (`dns`), a scripted
+//! receiving SMTP server (`receiver`) and a Prometheus server
+//! (`prometheus`). Use with `mod common;`.
 #![allow(dead_code)]
 
 pub mod dns;
 pub mod gateway;
 pub mod keys;
+pub mod prometheus;
 pub mod receiver;
 
 use std::net::{IpAddr, Ipv4Addr};
