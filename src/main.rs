@@ -1,27 +1,9 @@
 //! `baton`: a deliverability-focused outbound SMTP gateway.
 
-mod config;
-mod delivery;
-mod dkim_cmd;
-mod dns;
-mod dns_cmd;
-mod events;
-mod explain;
-mod gateway;
-mod http;
-mod intake;
-mod metrics;
-mod pipeline;
-mod policy;
-mod queue_cmd;
-mod reply;
-mod scheduler;
-mod serve;
-mod spool;
-mod tls;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+use baton::{config, dkim_cmd, dns_cmd, policy, queue_cmd, serve};
 
 use clap::{Parser, Subcommand};
 
