@@ -148,11 +148,13 @@ pub fn format_unix(seconds: u64) -> String {
 #[derive(Clone)]
 pub struct EventLog {
     sender: mpsc::UnboundedSender<Event>,
+    webhooks: Option<std::sync::Arc<crate::webhooks::Dispatcher>>,
 }
 
 impl EventLog {
     /// Opens `delivery.log` in `folder` for appending and starts the writer.
-    pub fn open(folder: &Path) -> anyhow::Result<EventLog> {
+    /// Every event also goes to `webhooks`, when given.
+    pub fn open(folder: &Path, webhooks: Option<std::sync::Arc<crate::webhooks::Dispatcher>>) -> anyhow::Result<EventLog> {
         let path = folder.join("delivery.log");
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -182,10 +184,13 @@ impl EventLog {
                     }
                 }
             })?;
-        Ok(EventLog { sender })
+        Ok(EventLog { sender, webhooks })
     }
 
     pub fn log(&self, event: Event) {
+        if let Some(webhooks) = &self.webhooks {
+            webhooks.enqueue(&event);
+        }
         let _ = self.sender.send(event);
     }
 }

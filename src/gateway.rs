@@ -21,7 +21,7 @@ pub struct Gateway {
     pub policy: Arc<crate::policy::PolicyStore>,
     pub scheduler: Scheduler,
     pub events: EventLog,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub resolver: crate::dns::Resolver,
     pub tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
     pub tls_connector: tokio_rustls::TlsConnector,

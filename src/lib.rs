@@ -22,3 +22,4 @@ pub mod scheduler;
 pub mod serve;
 pub mod spool;
 pub mod tls;
+pub mod webhooks;

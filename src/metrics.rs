@@ -89,6 +89,10 @@ pub struct Metrics {
     pub warmup_cap: IntGaugeVec,
     pub warmup_sent: IntGaugeVec,
     pub warmup_holds: IntCounterVec,
+    // Webhooks, by `webhook`.
+    pub webhook_queued: IntCounterVec,
+    pub webhook_posted: IntCounterVec,
+    pub webhook_failures: IntCounterVec,
     // DNS.
     pub dns_lookups: IntCounterVec,
     pub dns_lookup_seconds: HistogramVec,
@@ -215,6 +219,17 @@ impl Metrics {
                 "Days a source's warmup did not advance at a site because its deferral or bounce rate was too high",
                 &["source", "site"],
             ),
+            webhook_queued: counters("baton_webhook_events_queued_total", "Events queued for a webhook", &["webhook"]),
+            webhook_posted: counters(
+                "baton_webhook_events_posted_total",
+                "Events a webhook endpoint accepted with a 2xx answer",
+                &["webhook"],
+            ),
+            webhook_failures: counters(
+                "baton_webhook_post_failures_total",
+                "Batch posts that failed (network error, timeout or non-2xx answer); the events stay queued",
+                &["webhook"],
+            ),
             dns_lookups: counters(
                 "baton_dns_lookups_total",
                 "DNS lookups made for delivery, by record type and result (ok, nxdomain, nodata, error)",
@@ -261,6 +276,9 @@ impl Metrics {
             Box::new(self.warmup_cap.clone()),
             Box::new(self.warmup_sent.clone()),
             Box::new(self.warmup_holds.clone()),
+            Box::new(self.webhook_queued.clone()),
+            Box::new(self.webhook_posted.clone()),
+            Box::new(self.webhook_failures.clone()),
             Box::new(self.dns_lookups.clone()),
             Box::new(self.dns_lookup_seconds.clone()),
         ];

@@ -12,7 +12,6 @@ use crate::spool::Spool;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let spool = Spool::open(&config.spool.path, config.spool.cache_size)?;
-    let events = crate::events::EventLog::open(&config.spool.path)?;
     let authenticator = crate::dns::build_authenticator(&config.dns)?;
     let resolver = authenticator.resolver().clone();
     let tls_acceptor = match &config.smtp.tls {
@@ -24,11 +23,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .context("cannot load policies")?,
     );
     tokio::spawn(policy.clone().watch());
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let webhooks = crate::webhooks::Dispatcher::new(spool.clone(), policy.clone(), metrics.clone())?;
+    webhooks.resume().context("cannot read the queued webhook events")?;
+    let events = crate::events::EventLog::open(&config.spool.path, Some(webhooks))?;
     let gateway = Arc::new(Gateway {
         scheduler: crate::scheduler::Scheduler::new(config.delivery.max_connections),
         pipeline: crate::pipeline::Pipeline::new(config.hostname.clone(), policy.clone(), authenticator),
         policy,
-        metrics: crate::metrics::Metrics::new(),
+        metrics,
         tls_connector: crate::tls::opportunistic_connector(),
         tls_acceptor,
         resolver,

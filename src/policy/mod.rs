@@ -23,6 +23,8 @@ pub struct Policy {
     pub pools: pools::Pools,
     /// Warmup schedules from `warmup.yaml`.
     pub warmup: warmup::Schedules,
+    /// Event webhooks from `events.yaml`.
+    pub webhooks: crate::webhooks::Webhooks,
     /// Delivery limits per site and throttling response rules.
     pub shaping: shaping::Shaping,
 }
@@ -33,12 +35,13 @@ pub fn check(policies: &std::path::Path, keys: &std::path::Path) -> anyhow::Resu
     let policy = PolicyStore::read(policies, keys)?;
     let (domains, selectors) = policy.dkim.summary();
     println!(
-        "{}: ok ({domains} signing domains with {selectors} selectors, {} pools with {} sources, {} warmup schedules, {} shaping response rules)",
+        "{}: ok ({domains} signing domains with {selectors} selectors, {} pools with {} sources, {} warmup schedules, {} shaping response rules, {} webhooks)",
         policies.display(),
         policy.pools.pools.len(),
         policy.pools.sources().count(),
         policy.warmup.len(),
-        policy.shaping.rules.len()
+        policy.shaping.rules.len(),
+        policy.webhooks.hooks.len()
     );
     Ok(())
 }
@@ -88,11 +91,16 @@ impl PolicyStore {
         let (domains, selectors) = dkim.summary();
         tracing::info!(domains, selectors, "DKIM policy loaded");
         let (pools, warmup) = load_pools(policies)?;
+        let webhooks = match read_optional(&policies.join("events.yaml"))? {
+            Some((path, text)) => crate::webhooks::Webhooks::parse(&text).with_context(|| format!("invalid {}", path.display()))?,
+            None => crate::webhooks::Webhooks::default(),
+        };
         let shaping = shaping::Shaping::load(policies)?;
         Ok(Policy {
             dkim,
             pools,
             warmup,
+            webhooks,
             shaping,
         })
     }

@@ -15,7 +15,8 @@
 //!   [`RecipientRecord`] as JSON.
 //!
 //! A second tree, `warmup`, keeps each warming source's counters per site
-//! under `<source>/<site>`, as JSON.
+//! under `<source>/<site>`, as JSON. A third, `webhooks`, queues events for
+//! each webhook under `<name>\0<id>` until the endpoint took them.
 //!
 //! A message is removed, all three kinds at once, when no recipient is still
 //! queued or deferred. "In flight" is not stored: after a crash a recipient
@@ -222,6 +223,72 @@ impl Spool {
         self.db.size_on_disk().unwrap_or(0)
     }
 
+    /// Queues one event for webhook `name`, with a spool-wide `id` field
+    /// that grows with every event, so receivers can drop duplicates.
+    pub fn push_webhook_event(&self, name: &str, event: &serde_json::Value) -> anyhow::Result<()> {
+        let tree = self.db.open_tree("webhooks")?;
+        let id = self.db.generate_id()?;
+        let mut event = event.clone();
+        if let Some(object) = event.as_object_mut() {
+            object.insert("id".to_string(), serde_json::Value::from(id));
+        }
+        tree.insert(webhook_key(name, id), serde_json::to_vec(&event)?)?;
+        Ok(())
+    }
+
+    /// Returns up to `limit` queued events of webhook `name`, oldest first,
+    /// with their keys.
+    pub fn webhook_batch(&self, name: &str, limit: usize) -> anyhow::Result<Vec<(Vec<u8>, serde_json::Value)>> {
+        let tree = self.db.open_tree("webhooks")?;
+        let mut batch = Vec::new();
+        for entry in tree.scan_prefix(webhook_prefix(name)).take(limit) {
+            let (key, value) = entry?;
+            batch.push((key.to_vec(), serde_json::from_slice(&value).context("invalid queued webhook event")?));
+        }
+        Ok(batch)
+    }
+
+    /// Removes posted webhook events.
+    pub fn remove_webhook_events(&self, keys: impl Iterator<Item = Vec<u8>>) -> anyhow::Result<()> {
+        let tree = self.db.open_tree("webhooks")?;
+        let mut batch = sled::Batch::default();
+        for key in keys {
+            batch.remove(key);
+        }
+        tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Removes every queued event of webhook `name`; returns how many.
+    pub fn clear_webhook_events(&self, name: &str) -> anyhow::Result<usize> {
+        let tree = self.db.open_tree("webhooks")?;
+        let mut batch = sled::Batch::default();
+        let mut count = 0;
+        for entry in tree.scan_prefix(webhook_prefix(name)) {
+            batch.remove(entry?.0);
+            count += 1;
+        }
+        tree.apply_batch(batch)?;
+        Ok(count)
+    }
+
+    /// Returns the names of the webhooks that have queued events.
+    pub fn webhook_names(&self) -> anyhow::Result<Vec<String>> {
+        let tree = self.db.open_tree("webhooks")?;
+        let mut names = Vec::new();
+        let mut next = tree.first()?;
+        while let Some((key, _)) = next {
+            let end = key.iter().position(|b| *b == 0).unwrap_or(key.len());
+            let name = String::from_utf8_lossy(&key[..end]).to_string();
+            // Skip to the first key after this name's events.
+            let mut after = key[..end].to_vec();
+            after.push(1);
+            next = tree.range(after..).next().transpose()?;
+            names.push(name);
+        }
+        Ok(names)
+    }
+
     /// Returns the stored warmup counters of `source` at `site`.
     pub fn warmup_counters(&self, source: &str, site: &str) -> anyhow::Result<Option<Counters>> {
         let tree = self.db.open_tree("warmup")?;
@@ -239,6 +306,20 @@ impl Spool {
         tree.insert(format!("{source}/{site}"), serde_json::to_vec(counters)?)?;
         Ok(())
     }
+}
+
+/// Key of a queued webhook event: the webhook name, a zero byte, and the
+/// event id in big-endian order so keys sort by id.
+fn webhook_key(name: &str, id: u64) -> Vec<u8> {
+    let mut key = webhook_prefix(name);
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}
+
+fn webhook_prefix(name: &str) -> Vec<u8> {
+    let mut key = name.as_bytes().to_vec();
+    key.push(0);
+    key
 }
 
 fn message_key(id: &QueueId) -> Vec<u8> {
