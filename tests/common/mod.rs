@@ -6,6 +6,7 @@ pub mod dns;
 pub mod gateway;
 pub mod keys;
 pub mod receiver;
+pub mod tls;
 
 use std::net::{IpAddr, Ipv4Addr};
 
