@@ -191,6 +191,9 @@ impl Client {
         // there must not be believed).
         let placeholder: Box<dyn Io> = Box::new(tokio::io::join(tokio::io::empty(), tokio::io::sink()));
         let reader = std::mem::replace(&mut self.reader, BufReader::new(placeholder));
+        if !reader.buffer().is_empty() {
+            tracing::warn!(mx = %self.mx, ip = %self.address.ip(), bytes = reader.buffer().len(), "server sent data after its 220 reply to STARTTLS; discarded");
+        }
         let stream = reader.into_inner();
         let server_name = rustls::pki_types::ServerName::try_from(self.mx.trim_end_matches('.').to_string())
             .unwrap_or_else(|_| rustls::pki_types::ServerName::IpAddress(self.address.ip().into()));

@@ -157,6 +157,7 @@ pub fn check_line_endings(content: &[u8]) -> Result<usize, DataError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn read_all(input: &[u8]) -> (Progress, Vec<u8>) {
         let mut reader = DataReader::new(1 << 20);
@@ -240,6 +241,126 @@ mod tests {
         let mut reader = DataReader::new(1 << 20);
         reader.feed(b"abc\r\n12345\r\n.\r\n");
         assert_eq!(reader.longest_line(), 5);
+    }
+
+    /// Dot-stuffs `content` and appends the end of data, as a client does.
+    fn stuff(content: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut line_start = true;
+        for &byte in content {
+            if line_start && byte == b'.' {
+                out.push(b'.');
+            }
+            out.push(byte);
+            line_start = byte == b'\n';
+        }
+        out.extend_from_slice(b".\r\n");
+        out
+    }
+
+    /// Feeds `input` in pieces of the given sizes (the rest in one piece)
+    /// and returns the first outcome other than `NeedMore`, with the offset
+    /// of its piece in `input`.
+    fn feed_in_pieces(reader: &mut DataReader, input: &[u8], sizes: &[usize]) -> (Progress, usize) {
+        let mut offset = 0;
+        let mut sizes = sizes.iter();
+        while offset < input.len() {
+            let size = sizes.next().copied().unwrap_or(input.len()).clamp(1, input.len() - offset);
+            let progress = reader.feed(&input[offset..offset + size]);
+            if progress != Progress::NeedMore {
+                return (progress, offset);
+            }
+            offset += size;
+        }
+        (Progress::NeedMore, offset)
+    }
+
+    /// Lines without CR or LF, many starting with or made of dots.
+    fn content_lines() -> impl Strategy<Value = Vec<u8>> {
+        let line = prop_oneof![
+            proptest::collection::vec(any::<u8>().prop_filter("no line end", |b| *b != b'\r' && *b != b'\n'), 0..40),
+            proptest::collection::vec(Just(b'.'), 1..4),
+            proptest::collection::vec(prop_oneof![Just(b'.'), Just(b'a'), Just(b' ')], 1..6),
+        ];
+        proptest::collection::vec(line, 0..20).prop_map(|lines| {
+            let mut content = Vec::new();
+            for line in lines {
+                content.extend_from_slice(&line);
+                content.extend_from_slice(b"\r\n");
+            }
+            content
+        })
+    }
+
+    proptest! {
+        /// Stuffed content, fed in any pieces, comes back unchanged and ends
+        /// exactly at the end marker; bytes after it are left for commands.
+        #[test]
+        fn stuffed_content_round_trips(
+            content in content_lines(),
+            sizes in proptest::collection::vec(1usize..16, 0..64),
+        ) {
+            let mut input = stuff(&content);
+            let end = input.len();
+            input.extend_from_slice(b"QUIT\r\n");
+            let mut reader = DataReader::new(1 << 20);
+            let (progress, offset) = feed_in_pieces(&mut reader, &input, &sizes);
+            let Progress::Done { consumed } = progress else {
+                panic!("expected the end of data, got {progress:?}");
+            };
+            prop_assert_eq!(offset + consumed, end);
+            prop_assert_eq!(reader.into_message(), content);
+        }
+
+        /// On any bytes the reader gives the same outcome however the input
+        /// is split, ends only at CRLF . CRLF, and fails on every bare CR or
+        /// LF before the end.
+        #[test]
+        fn any_bytes_any_split_same_outcome(
+            input in proptest::collection::vec(prop_oneof![
+                Just(b'\r'), Just(b'\n'), Just(b'.'), Just(b'a'), any::<u8>(),
+            ], 0..200),
+            sizes in proptest::collection::vec(1usize..8, 0..64),
+        ) {
+            let mut whole = DataReader::new(64);
+            let expected = whole.feed(&input);
+            let mut pieces = DataReader::new(64);
+            let (progress, offset) = feed_in_pieces(&mut pieces, &input, &sizes);
+            let outcome = match progress {
+                Progress::Done { consumed } => Progress::Done { consumed: offset + consumed },
+                other => other,
+            };
+            prop_assert_eq!(outcome, expected);
+
+            match expected {
+                Progress::Done { consumed } => {
+                    let read = &input[..consumed];
+                    prop_assert!(read == b".\r\n" || read.ends_with(b"\r\n.\r\n"), "ended after {:?}", read);
+                    prop_assert!(check_line_endings(read).is_ok(), "bare CR or LF before the end: {:?}", read);
+                }
+                Progress::NeedMore => {
+                    let complete = input.strip_suffix(b"\r").unwrap_or(&input);
+                    prop_assert!(check_line_endings(complete).is_ok(), "bare CR or LF accepted: {:?}", input);
+                }
+                Progress::Failed(_) => {
+                    prop_assert!(check_line_endings(&input).is_err(), "failed on valid input: {:?}", input);
+                }
+            }
+        }
+
+        /// `check_line_endings` accepts exactly the content where every CR
+        /// is followed by LF and every LF follows a CR.
+        #[test]
+        fn bdat_line_endings_match_definition(
+            content in proptest::collection::vec(prop_oneof![Just(b'\r'), Just(b'\n'), any::<u8>()], 0..100),
+        ) {
+            let valid = content.iter().enumerate().all(|(index, &byte)| match byte {
+                b'\r' => content.get(index + 1) == Some(&b'\n'),
+                b'\n' => index > 0 && content[index - 1] == b'\r',
+                _ => true,
+            });
+            prop_assert_eq!(check_line_endings(&content).is_ok(), valid);
+        }
     }
 
     #[test]

@@ -508,6 +508,9 @@ impl Session {
         // not be taken as commands (the STARTTLS injection attack).
         let placeholder: Box<dyn Io> = Box::new(tokio::io::join(tokio::io::empty(), tokio::io::sink()));
         let reader = std::mem::replace(&mut self.reader, BufReader::new(placeholder));
+        if !reader.buffer().is_empty() {
+            tracing::info!(peer = %self.peer, bytes = reader.buffer().len(), "client sent data after STARTTLS before the TLS handshake; discarded");
+        }
         let stream = reader.into_inner();
         let handshake = acceptor.accept(stream);
         let wait = self.wait(self.gateway.config.smtp.command_timeout);

@@ -22,13 +22,25 @@
 //! queued or deferred. "In flight" is not stored: after a crash a recipient
 //! that was being delivered is still queued and is tried again, so a message
 //! in flight at the crash may arrive twice, but none is lost.
+//!
+//! # Write failures
+//! After a failed write (typically ENOSPC) sled 0.34 keeps returning that
+//! error for every later write, until the database is opened again. So a
+//! failed write or flush reopens the database in the background, retrying
+//! until it succeeds (see [`recovery`]). Meanwhile the spool returns errors
+//! and intake replies `452`. Everything flushed before the failure is kept.
+//! Updates not yet flushed may be lost, so a message delivered in that
+//! window is delivered again. Messages whose store failed are removed after
+//! the reopen, because their clients were told to send them again.
 
 mod commit;
 pub mod record;
+mod recovery;
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::Context;
 
@@ -54,16 +66,34 @@ pub struct QueuedMessage {
 
 #[derive(Clone)]
 pub struct Spool {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    folder: PathBuf,
+    cache_size: u64,
+    /// The open database; `None` while it is reopened after a write failure.
+    current: RwLock<Option<Database>>,
+    /// Set while a task reopens the database.
+    recovering: AtomicBool,
+    /// Messages whose store failed. A failed batch may still reach the disk,
+    /// so these are removed after the database is reopened.
+    abandoned: Mutex<Vec<QueueId>>,
+}
+
+/// Handles on one opening of the database.
+#[derive(Clone)]
+struct Database {
     db: sled::Db,
     tree: sled::Tree,
     committer: Arc<commit::Committer>,
+    /// Counts the openings, so a failure reopens only the database it hit.
+    generation: u64,
 }
 
-impl Spool {
-    /// Opens (or creates) the spool in `folder`.
-    pub fn open(folder: &Path, cache_size: u64) -> anyhow::Result<Spool> {
-        std::fs::create_dir_all(folder)
-            .with_context(|| format!("cannot create spool folder {}", folder.display()))?;
+impl Database {
+    /// Opens the database in `folder`, creating it if needed.
+    fn open(folder: &Path, cache_size: u64, generation: u64) -> anyhow::Result<Database> {
         let db = sled::Config::new()
             .path(folder.join("queue"))
             .cache_capacity(cache_size)
@@ -77,18 +107,66 @@ impl Spool {
             })?;
         let tree = db.open_tree("queue")?;
         let committer = Arc::new(commit::Committer::start(db.clone()));
-        Ok(Spool {
+        Ok(Database {
             db,
             tree,
             committer,
+            generation,
         })
+    }
+}
+
+impl Spool {
+    /// Opens (or creates) the spool in `folder`.
+    pub fn open(folder: &Path, cache_size: u64) -> anyhow::Result<Spool> {
+        std::fs::create_dir_all(folder)
+            .with_context(|| format!("cannot create spool folder {}", folder.display()))?;
+        let database = Database::open(folder, cache_size, 0)?;
+        Ok(Spool {
+            shared: Arc::new(Shared {
+                folder: folder.to_path_buf(),
+                cache_size,
+                current: RwLock::new(Some(database)),
+                recovering: AtomicBool::new(false),
+                abandoned: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// Returns the open database, or an error while it is being reopened.
+    fn database(&self) -> anyhow::Result<Database> {
+        let current = self.shared.current.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        current
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("the spool is being reopened after a write failure"))
+    }
+
+    fn tree(&self) -> anyhow::Result<sled::Tree> {
+        Ok(self.database()?.tree)
+    }
+
+    /// Records that a write to `database` failed, and starts reopening it.
+    fn write_failed(&self, database: &Database) {
+        recovery::start(&self.shared, database.generation);
     }
 
     /// Stores a new message and returns once it is durable on disk.
     pub async fn store(&self, message: &NewMessage) -> anyhow::Result<()> {
         let batch = Self::insert_batch(message)?;
-        self.tree.apply_batch(batch)?;
-        self.committer.commit().await
+        let database = self.database()?;
+        let result = match database.tree.apply_batch(batch) {
+            Ok(()) => database.committer.commit().await,
+            Err(error) => Err(error.into()),
+        };
+        if result.is_err() {
+            self.shared
+                .abandoned
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .push(message.id.clone());
+            self.write_failed(&database);
+        }
+        result
     }
 
     fn insert_batch(message: &NewMessage) -> anyhow::Result<sled::Batch> {
@@ -121,21 +199,35 @@ impl Spool {
         for (index, recipient) in updates {
             batch.insert(recipient_key(id, *index), serde_json::to_vec(recipient)?);
         }
-        self.tree.apply_batch(batch)?;
+        self.apply(batch)
+    }
+
+    /// Applies `batch`; a failure starts reopening the database.
+    fn apply(&self, batch: sled::Batch) -> anyhow::Result<()> {
+        let database = self.database()?;
+        if let Err(error) = database.tree.apply_batch(batch) {
+            self.write_failed(&database);
+            return Err(error.into());
+        }
         Ok(())
     }
 
     /// Waits until everything written so far is on disk.
     pub async fn flush(&self) -> anyhow::Result<()> {
-        self.committer.commit().await
+        let database = self.database()?;
+        let result = database.committer.commit().await;
+        if result.is_err() {
+            self.write_failed(&database);
+        }
+        result
     }
 
     pub fn message_data(&self, id: &QueueId) -> anyhow::Result<Option<sled::IVec>> {
-        Ok(self.tree.get(message_key(id))?)
+        Ok(self.tree()?.get(message_key(id))?)
     }
 
     pub fn envelope(&self, id: &QueueId) -> anyhow::Result<Option<EnvelopeRecord>> {
-        match self.tree.get(envelope_key(id))? {
+        match self.tree()?.get(envelope_key(id))? {
             Some(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
             None => Ok(None),
         }
@@ -144,7 +236,7 @@ impl Spool {
     pub fn recipients(&self, id: &QueueId) -> anyhow::Result<Vec<(u32, RecipientRecord)>> {
         let prefix = format!("r/{id}/");
         let mut recipients = Vec::new();
-        for entry in self.tree.scan_prefix(prefix.as_bytes()) {
+        for entry in self.tree()?.scan_prefix(prefix.as_bytes()) {
             let (key, value) = entry?;
             let index = parse_recipient_index(&key)
                 .with_context(|| format!("corrupt recipient key {:?}", String::from_utf8_lossy(&key)))?;
@@ -178,15 +270,22 @@ impl Spool {
         for (index, _) in recipients {
             batch.remove(recipient_key(id, index));
         }
-        self.tree.apply_batch(batch)?;
+        self.apply(batch)?;
         Ok(true)
     }
 
     /// Reads every queued message, oldest first (queue ids sort by time).
     pub fn scan(&self) -> impl Iterator<Item = anyhow::Result<QueuedMessage>> + '_ {
+        let tree = match self.tree() {
+            Ok(tree) => tree,
+            Err(error) => {
+                let failed: Box<dyn Iterator<Item = anyhow::Result<QueuedMessage>>> = Box::new(std::iter::once(Err(error)));
+                return failed;
+            }
+        };
         let mut recipients: BTreeMap<QueueId, Vec<(u32, RecipientRecord)>> = BTreeMap::new();
         let mut error = None;
-        for entry in self.tree.scan_prefix(b"r/") {
+        for entry in tree.scan_prefix(b"r/") {
             let parsed = entry.map_err(anyhow::Error::from).and_then(|(key, value)| {
                 let id = parse_recipient_id(&key).context("corrupt recipient key")?;
                 let index = parse_recipient_index(&key).context("corrupt recipient key")?;
@@ -201,13 +300,13 @@ impl Spool {
                 }
             }
         }
-        let envelopes = self.tree.scan_prefix(b"e/").map(move |entry| -> anyhow::Result<(QueueId, EnvelopeRecord)> {
+        let envelopes = tree.scan_prefix(b"e/").map(move |entry| -> anyhow::Result<(QueueId, EnvelopeRecord)> {
             let (key, value) = entry?;
             let id = QueueId::from_key_suffix(&key[2..]).context("corrupt envelope key")?;
             let envelope: EnvelopeRecord = serde_json::from_slice(&value)?;
             Ok((id, envelope))
         });
-        error.map(Err).into_iter().chain(envelopes.map(move |entry| {
+        Box::new(error.map(Err).into_iter().chain(envelopes.map(move |entry| {
             let (id, envelope) = entry?;
             let recipients = recipients.remove(&id).unwrap_or_default();
             Ok(QueuedMessage {
@@ -215,19 +314,19 @@ impl Spool {
                 envelope,
                 recipients,
             })
-        }))
+        })))
     }
 
-    /// Returns the bytes the spool takes on disk.
+    /// Returns the bytes the spool takes on disk; 0 while it is reopened.
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.database().ok().and_then(|database| database.db.size_on_disk().ok()).unwrap_or(0)
     }
 
     /// Queues one event for webhook `name`, with a spool-wide `id` field
     /// that grows with every event, so receivers can drop duplicates.
     pub fn push_webhook_event(&self, name: &str, event: &serde_json::Value) -> anyhow::Result<()> {
-        let tree = self.db.open_tree("webhooks")?;
-        let id = self.db.generate_id()?;
+        let tree = self.database()?.db.open_tree("webhooks")?;
+        let id = self.database()?.db.generate_id()?;
         let mut event = event.clone();
         if let Some(object) = event.as_object_mut() {
             object.insert("id".to_string(), serde_json::Value::from(id));
@@ -239,7 +338,7 @@ impl Spool {
     /// Returns up to `limit` queued events of webhook `name`, oldest first,
     /// with their keys.
     pub fn webhook_batch(&self, name: &str, limit: usize) -> anyhow::Result<Vec<(Vec<u8>, serde_json::Value)>> {
-        let tree = self.db.open_tree("webhooks")?;
+        let tree = self.database()?.db.open_tree("webhooks")?;
         let mut batch = Vec::new();
         for entry in tree.scan_prefix(webhook_prefix(name)).take(limit) {
             let (key, value) = entry?;
@@ -250,7 +349,7 @@ impl Spool {
 
     /// Removes posted webhook events.
     pub fn remove_webhook_events(&self, keys: impl Iterator<Item = Vec<u8>>) -> anyhow::Result<()> {
-        let tree = self.db.open_tree("webhooks")?;
+        let tree = self.database()?.db.open_tree("webhooks")?;
         let mut batch = sled::Batch::default();
         for key in keys {
             batch.remove(key);
@@ -261,7 +360,7 @@ impl Spool {
 
     /// Removes every queued event of webhook `name`; returns how many.
     pub fn clear_webhook_events(&self, name: &str) -> anyhow::Result<usize> {
-        let tree = self.db.open_tree("webhooks")?;
+        let tree = self.database()?.db.open_tree("webhooks")?;
         let mut batch = sled::Batch::default();
         let mut count = 0;
         for entry in tree.scan_prefix(webhook_prefix(name)) {
@@ -274,7 +373,7 @@ impl Spool {
 
     /// Returns the names of the webhooks that have queued events.
     pub fn webhook_names(&self) -> anyhow::Result<Vec<String>> {
-        let tree = self.db.open_tree("webhooks")?;
+        let tree = self.database()?.db.open_tree("webhooks")?;
         let mut names = Vec::new();
         let mut next = tree.first()?;
         while let Some((key, _)) = next {
@@ -291,7 +390,7 @@ impl Spool {
 
     /// Returns the stored warmup counters of `source` at `site`.
     pub fn warmup_counters(&self, source: &str, site: &str) -> anyhow::Result<Option<Counters>> {
-        let tree = self.db.open_tree("warmup")?;
+        let tree = self.database()?.db.open_tree("warmup")?;
         match tree.get(format!("{source}/{site}"))? {
             Some(bytes) => Ok(Some(serde_json::from_slice(&bytes).context("invalid warmup counters")?)),
             None => Ok(None),
@@ -302,7 +401,7 @@ impl Spool {
     /// a crash may lose the latest counts, so the source sends less that
     /// day, never more than its cap plus what was in flight.
     pub fn save_warmup_counters(&self, source: &str, site: &str, counters: &Counters) -> anyhow::Result<()> {
-        let tree = self.db.open_tree("warmup")?;
+        let tree = self.database()?.db.open_tree("warmup")?;
         tree.insert(format!("{source}/{site}"), serde_json::to_vec(counters)?)?;
         Ok(())
     }
@@ -389,6 +488,35 @@ mod tests {
         assert_eq!(messages[0].recipients.len(), 2);
         let data = spool.message_data(&id).unwrap().unwrap();
         assert_eq!(&data[..], b"Subject: t\r\n\r\nbody\r\n");
+    }
+
+    #[tokio::test]
+    async fn reopen_removes_abandoned_messages() {
+        let folder = tempfile::tempdir().unwrap();
+        let spool = Spool::open(folder.path(), 1 << 20).unwrap();
+        let kept = QueueId::generate();
+        spool.store(&sample(kept.clone())).await.unwrap();
+        let abandoned = QueueId::generate();
+        spool.store(&sample(abandoned.clone())).await.unwrap();
+        spool.shared.abandoned.lock().unwrap().push(abandoned.clone());
+
+        spool.write_failed(&spool.database().unwrap());
+        let mut generation = None;
+        for _ in 0..100 {
+            generation = spool.database().ok().map(|database| database.generation);
+            if generation == Some(1) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+
+        assert_eq!(generation, Some(1), "the database was not reopened");
+        assert!(spool.message_data(&kept).unwrap().is_some());
+        assert!(spool.message_data(&abandoned).unwrap().is_none());
+        assert!(spool.envelope(&abandoned).unwrap().is_none());
+        assert!(spool.recipients(&abandoned).unwrap().is_empty());
+        assert_eq!(spool.scan().count(), 1);
+        assert!(spool.shared.abandoned.lock().unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -291,6 +291,14 @@ impl Client {
         }
     }
 
+    /// Returns the TCP stream, for tests that go on with raw bytes. Panics
+    /// when the gateway sent bytes that were not read yet.
+    pub fn into_stream(self) -> TcpStream {
+        let unread = self.reader.buffer();
+        assert!(unread.is_empty(), "unread bytes from the gateway: {:?}", String::from_utf8_lossy(unread));
+        self.reader.into_inner()
+    }
+
     pub async fn write(&mut self, bytes: &[u8]) {
         self.reader.get_mut().write_all(bytes).await.expect("write to baton");
     }

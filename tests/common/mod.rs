@@ -8,6 +8,7 @@ pub mod gateway;
 pub mod keys;
 pub mod prometheus;
 pub mod receiver;
+pub mod tls;
 
 use std::net::{IpAddr, Ipv4Addr};
 
