@@ -25,7 +25,7 @@ const CLIENTS: usize = 8;
 async fn try_send(address: SocketAddr, number: usize) -> std::io::Result<String> {
     let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(address)).await??;
     let mut reader = BufReader::new(stream);
-    let mut read_reply = async |reader: &mut BufReader<TcpStream>| -> std::io::Result<String> {
+    let read_reply = async |reader: &mut BufReader<TcpStream>| -> std::io::Result<String> {
         let mut reply = String::new();
         loop {
             let mut line = String::new();

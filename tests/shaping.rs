@@ -263,3 +263,28 @@ fn policy_check_names_file_and_line() {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(String::from_utf8_lossy(&output.stdout).contains(": ok ("));
 }
+
+#[tokio::test]
+async fn require_tls_defers_clear_text_hosts() {
+    let dns = TestDns::start(ZONE).await;
+    let port = free_port_on(&[loopback(2), loopback(3)]);
+    // dest.example's host has no TLS; the provider's host (a.example) has.
+    let plain = Receiver::start(loopback(2), port, Script::new()).await.unwrap();
+    let secure = Receiver::start(loopback(3), port, Script::new().tls()).await.unwrap();
+    let shaping = "domains:\n  dest.example:\n    require_tls: true\nproviders:\n  prov:\n    mx_suffixes: [.prov.example]\n    require_tls: true\n";
+    let gateway = start(&dns, port, shaping).await;
+
+    let content = b"From: <app@src.example>\r\nSubject: tls\r\n\r\nbody\r\n";
+    let reply = common::gateway::send_message(gateway.smtp, "app@src.example", &["user@dest.example", "user@a.example"], content).await;
+    assert!(reply.starts_with("250"), "{reply}");
+
+    let deferred = gateway.wait_for_event("deferred", "user@dest.example", WAIT).await;
+    let text = deferred["reply"].as_str().unwrap();
+    assert!(text.starts_with("451 4.7.5"), "{text}");
+    assert!(text.contains("TLS is required for site dest.example"), "{text}");
+    assert!(plain.messages().is_empty(), "message sent in clear text");
+
+    let messages = secure.wait_for_messages(1, WAIT).await;
+    assert!(messages[0].tls, "message to a.example was sent without TLS");
+    gateway.wait_for_event("delivered", "user@a.example", WAIT).await;
+}

@@ -280,7 +280,7 @@ impl Worker {
                     self.wait_for(limiter, site, "connection").await;
                 }
                 self.connection_permitted = false;
-                match self.connect(targets).await {
+                match self.connect(targets, view.limits.require_tls).await {
                     Ok(client) => self.client = Some(client),
                     Err((failure, info)) => {
                         let remote = matches!(failure, Failure::Rejected(_));
@@ -354,8 +354,10 @@ impl Worker {
     }
 
     /// Connects to the first target that accepts, in order. A TLS handshake
-    /// failure is retried once in clear text on the same address.
-    async fn connect(&self, targets: &[Target]) -> Result<Client, (Failure, AttemptInfo)> {
+    /// failure is retried once in clear text on the same address, unless the
+    /// site's shaping policy has `require_tls`: then a host without TLS is
+    /// skipped like one that is down.
+    async fn connect(&self, targets: &[Target], require_tls: bool) -> Result<Client, (Failure, AttemptInfo)> {
         let config = &self.gateway.config;
         let timeouts = Timeouts {
             connect: config.delivery.connect_timeout,
@@ -388,7 +390,9 @@ impl Worker {
                 timeouts,
             )
             .await;
-            if let Err(Failure::Tls(error)) = &result {
+            if let Err(Failure::Tls(error)) = &result
+                && !require_tls
+            {
                 tracing::info!(mx = %target.mx, ip = %target.address.ip(), %error, "STARTTLS failed; retrying without TLS");
                 result = Client::connect(&target.mx, target.address, self.bind, &self.ehlo, None, timeouts).await;
             }
@@ -400,6 +404,21 @@ impl Worker {
                     ..info
                 };
                 return Err((result.err().expect("matched an error"), info));
+            }
+            if let Ok(client) = &result
+                && require_tls
+                && !client.tls
+            {
+                let text = format!(
+                    "TLS is required for site {} by policies/shaping.yaml, but {}[{}] offered no STARTTLS or refused it",
+                    self.site,
+                    target.mx,
+                    target.address.ip()
+                );
+                if let Ok(client) = result {
+                    client.quit().await;
+                }
+                result = Err(Failure::Tls(text));
             }
             match result {
                 Ok(client) => {

@@ -87,6 +87,9 @@ pub struct Limits {
     pub max_connection_rate: Option<Rate>,
     /// Concurrent connections to the site from the whole gateway.
     pub total_max_connections: Option<usize>,
+    /// Deliver only over STARTTLS: a host that does not offer it, or whose
+    /// handshake fails, gets a temporary failure instead of clear text.
+    pub require_tls: Option<bool>,
 }
 
 /// A provider section: the limits plus the MX suffixes that identify it.
@@ -104,6 +107,7 @@ pub struct ProviderSection {
     #[serde(default, deserialize_with = "rate")]
     pub max_connection_rate: Option<Rate>,
     pub total_max_connections: Option<usize>,
+    pub require_tls: Option<bool>,
 }
 
 impl ProviderSection {
@@ -115,6 +119,7 @@ impl ProviderSection {
             max_messages_per_connection: self.max_messages_per_connection,
             max_connection_rate: self.max_connection_rate,
             total_max_connections: self.total_max_connections,
+            require_tls: self.require_tls,
         }
     }
 }
@@ -182,6 +187,7 @@ pub struct SiteLimits {
     pub max_messages_per_connection: usize,
     pub max_connection_rate: Option<Rate>,
     pub total_max_connections: Option<usize>,
+    pub require_tls: bool,
 }
 
 /// Built-in limits, used where no file sets a field. They match the
@@ -200,6 +206,7 @@ pub const BUILTIN: SiteLimits = SiteLimits {
         period: Duration::from_secs(60),
     }),
     total_max_connections: None,
+    require_tls: false,
 };
 
 impl SiteLimits {
@@ -221,6 +228,9 @@ impl SiteLimits {
         }
         if limits.total_max_connections.is_some() {
             self.total_max_connections = limits.total_max_connections;
+        }
+        if let Some(value) = limits.require_tls {
+            self.require_tls = value;
         }
     }
 
