@@ -28,7 +28,7 @@ pub fn explain_running(gateway: &Arc<Gateway>, id: &QueueId) -> anyhow::Result<O
         }
         match gateway.scheduler.throttles.site_of(&recipient.domain) {
             Some(site) => {
-                let view = gateway.scheduler.throttles.view(&site, &policy.shaping);
+                let view = gateway.scheduler.throttles.view(&site, None, &policy.shaping);
                 let open = gateway.scheduler.site_connections(&site);
                 let _ = writeln!(text, "    {}", describe(&site, &view, open));
                 for (source, day, cap, sent) in gateway.scheduler.sources.standings(gateway, &policy, &site) {

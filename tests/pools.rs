@@ -228,3 +228,29 @@ pools:
     let deferred = gateway.events().into_iter().filter(|event| event["event"] == "deferred").count();
     assert_eq!(deferred, 0);
 }
+
+#[tokio::test]
+async fn connection_cap_holds_per_source() {
+    let dns = TestDns::start(ZONE).await;
+    let port = free_port_on(&[loopback(2)]);
+    let script = Script::new().data_delay(Duration::from_millis(300));
+    let receiver = Receiver::start(loopback(2), port, script).await.unwrap();
+    let folder = tempfile::tempdir().unwrap();
+    let policies = folder.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    // One connection per source IP, as receivers count them: two sources
+    // may hold two connections to the site, never more.
+    std::fs::write(policies.join("shaping.yaml"), "default:\n  max_message_rate: 1000/s\n  max_connections: 1\n").unwrap();
+    let pools = "pools:\n  bulk:\n    sources:\n      - { name: m1, ip: 127.0.0.11 }\n      - { name: m2, ip: 127.0.0.12 }\n";
+    std::fs::write(policies.join("pools.yaml"), pools).unwrap();
+    let mut options = Options::new(dns.addr, port);
+    options.folder = Some(folder);
+    let gateway = Gateway::start(options).await;
+
+    send_many(&gateway, "app@src.example", "", 12).await;
+    let messages = receiver.wait_for_messages(12, WAIT).await;
+    assert_eq!(receiver.max_concurrent(), 2);
+    let counts = by_peer(&messages);
+    assert_eq!(counts.get("127.0.0.11"), Some(&6), "{counts:?}");
+    assert_eq!(counts.get("127.0.0.12"), Some(&6), "{counts:?}");
+}

@@ -52,7 +52,7 @@ pub async fn run_connection(gateway: Arc<Gateway>, lane: Lane, site: String) {
     };
     // Wait for the site's connection rate before taking a job, so a job
     // never waits here while an open connection could send it.
-    let view = gateway.scheduler.throttles.view(&site, &policy.shaping);
+    let view = gateway.scheduler.throttles.view(&site, Some(&lane.source), &policy.shaping);
     if let Some(limiter) = &view.connections {
         worker.wait_for(limiter, &site, "connection").await;
     }
@@ -131,7 +131,11 @@ impl Worker {
         let policy = self.gateway.policy.current();
         let targets = self.targets().await;
         let site = self.site.clone();
-        let current = self.gateway.scheduler.throttles.view(&site, &policy.shaping);
+        let current = self
+            .gateway
+            .scheduler
+            .throttles
+            .view(&site, Some(&self.lane.source), &policy.shaping);
         if let Some(until) = current.suspended_until {
             self.gateway
                 .scheduler
@@ -162,9 +166,13 @@ impl Worker {
         let mut flow = Flow::Continue;
         if let Some((site, _)) = &view {
             self.react_to_replies(site, &policy.shaping, &mut replies, &mut bounce);
-            let now_view = self.gateway.scheduler.throttles.view(site, &policy.shaping);
+            let now_view = self.gateway.scheduler.throttles.view(site, None, &policy.shaping);
             // A backoff may have lowered the cap below the connections open.
-            if self.gateway.scheduler.site_connections(site) > now_view.limits.connection_cap() {
+            if self
+                .gateway
+                .scheduler
+                .over_connection_cap(site, &self.lane.source, &now_view.limits)
+            {
                 flow = Flow::Stop;
             }
         }

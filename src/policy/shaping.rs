@@ -233,14 +233,6 @@ impl SiteLimits {
             self.require_tls = value;
         }
     }
-
-    /// Connections allowed for the site with one source IP.
-    pub fn connection_cap(&self) -> usize {
-        match self.total_max_connections {
-            Some(total) => self.max_connections.min(total),
-            None => self.max_connections,
-        }
-    }
 }
 
 /// A compiled response rule.

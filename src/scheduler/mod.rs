@@ -56,8 +56,10 @@ struct State {
     /// Due jobs of domains whose site is being looked up.
     unsited: HashMap<String, Vec<Job>>,
     connections: usize,
-    /// Open or starting connections per site.
+    /// Open or starting connections per site, from all sources.
     site_connections: HashMap<String, usize>,
+    /// Open or starting connections per (site, source).
+    source_connections: HashMap<(String, String), usize>,
     /// Lanes with ready jobs that wait for a free connection under the
     /// total cap, oldest first.
     starved: VecDeque<Lane>,
@@ -133,7 +135,7 @@ impl Scheduler {
     /// Chooses the job's source for `site` and queues it in that lane.
     fn place(&self, gateway: &Arc<Gateway>, job: Job, site: &str) -> Option<Lane> {
         let policy = gateway.policy.current();
-        let view = self.throttles.view(site, &policy.shaping);
+        let view = self.throttles.view(site, None, &policy.shaping);
         if let Some(until) = view.suspended_until {
             self.wait(job, until);
             return None;
@@ -207,24 +209,32 @@ impl Scheduler {
             }
         };
         let policy = gateway.policy.current();
-        let view = self.throttles.view(&site, &policy.shaping);
+        let view = self.throttles.view(&site, None, &policy.shaping);
         if let Some(until) = view.suspended_until {
             self.defer_ready(gateway, lane, until);
             return;
         }
+        let source_key = (site.clone(), lane.source.clone());
         let starts = {
             let mut state = self.state.lock().expect("scheduler lock");
             let total_free = self.max_connections.saturating_sub(state.connections);
             let site_open = state.site_connections.get(&site).copied().unwrap_or(0);
+            let source_open = state.source_connections.get(&source_key).copied().unwrap_or(0);
             let Some(queue) = state.lanes.get_mut(lane) else {
                 return;
             };
-            let site_free = view.limits.connection_cap().saturating_sub(site_open);
+            let total_cap = view.limits.total_max_connections.unwrap_or(usize::MAX);
+            let site_free = view
+                .limits
+                .max_connections
+                .saturating_sub(source_open)
+                .min(total_cap.saturating_sub(site_open));
             let needed = queue.ready.len().saturating_sub(queue.connections);
             let starts = needed.min(site_free).min(total_free);
             queue.connections += starts;
             state.connections += starts;
             *state.site_connections.entry(site.clone()).or_default() += starts;
+            *state.source_connections.entry(source_key.clone()).or_default() += starts;
             // Waiting for a connection slot anywhere: retry when one closes.
             if needed > starts && state.starved_set.insert(lane.clone()) {
                 state.starved.push_back(lane.clone());
@@ -304,10 +314,23 @@ impl Scheduler {
         self.state.lock().expect("scheduler lock").connections
     }
 
-    /// Returns the number of open connections to `site`.
+    /// Returns the number of open connections to `site` from all sources.
     pub fn site_connections(&self, site: &str) -> usize {
         let state = self.state.lock().expect("scheduler lock");
         state.site_connections.get(site).copied().unwrap_or(0)
+    }
+
+    /// Returns whether `site` has more connections open than `limits` allow,
+    /// from `source` or from all sources, as after a backoff lowered them.
+    pub fn over_connection_cap(&self, site: &str, source: &str, limits: &crate::policy::shaping::SiteLimits) -> bool {
+        let state = self.state.lock().expect("scheduler lock");
+        let from_source = state
+            .source_connections
+            .get(&(site.to_string(), source.to_string()))
+            .copied()
+            .unwrap_or(0);
+        let from_all = state.site_connections.get(site).copied().unwrap_or(0);
+        from_source > limits.max_connections || limits.total_max_connections.is_some_and(|total| from_all > total)
     }
 
     /// Takes the next ready job of `lane`, for a connection of that lane.
@@ -329,6 +352,13 @@ impl Scheduler {
                 *open = open.saturating_sub(1);
                 if *open == 0 {
                     state.site_connections.remove(site);
+                }
+            }
+            let source_key = (site.to_string(), lane.source.clone());
+            if let Some(open) = state.source_connections.get_mut(&source_key) {
+                *open = open.saturating_sub(1);
+                if *open == 0 {
+                    state.source_connections.remove(&source_key);
                 }
             }
             if let Some(queue) = state.lanes.get_mut(lane) {

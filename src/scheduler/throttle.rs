@@ -5,8 +5,9 @@
 //! Limits come from the current shaping policy each time they are read, so
 //! a reload takes effect on the next message. Waiting on a limiter is a
 //! timer, never a poll.
-// NOTE: limits hold per site. With a single source IP (no pools yet) that is
-// the same as per source IP per site, as receivers count them.
+//!
+//! Rates and connection caps hold per source IP per site, as receivers count
+//! them, while a backoff or suspension applies to the whole site.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -33,8 +34,8 @@ pub enum Mode {
 struct SiteState {
     /// Limits the limiters were built for (normal or backoff).
     built_for: SiteLimits,
-    messages: Option<Arc<Limiter>>,
-    connections: Option<Arc<Limiter>>,
+    /// Message and connection rate limiters, by source name.
+    limiters: HashMap<String, (Option<Arc<Limiter>>, Option<Arc<Limiter>>)>,
     mode: Mode,
 }
 
@@ -76,15 +77,15 @@ impl Throttles {
         cache.insert(domain.to_string(), (site.to_string(), Instant::now() + SITE_CACHE_TIME));
     }
 
-    /// Returns the site's current limits and limiters, ending an expired
-    /// backoff or suspension and rebuilding limiters the policy changed.
-    pub fn view(&self, site: &str, shaping: &Shaping) -> SiteView {
+    /// Returns the site's current limits, ending an expired backoff or
+    /// suspension, with the rate limiters of `source` when given. Limiters
+    /// are rebuilt when the policy or the mode changed the limits.
+    pub fn view(&self, site: &str, source: Option<&str>, shaping: &Shaping) -> SiteView {
         let normal = shaping.limits(site).clone();
         let mut sites = self.sites.lock().expect("throttle lock");
         let state = sites.entry(site.to_string()).or_insert_with(|| SiteState {
             built_for: normal.clone(),
-            messages: limiter(normal.max_message_rate, normal.max_burst),
-            connections: limiter(normal.max_connection_rate, 1),
+            limiters: HashMap::new(),
             mode: Mode::Normal,
         });
         let now = unix_now();
@@ -101,10 +102,22 @@ impl Throttles {
             _ => normal.clone(),
         };
         if wanted != state.built_for {
-            state.messages = limiter(wanted.max_message_rate, wanted.max_burst);
-            state.connections = limiter(wanted.max_connection_rate, 1);
+            state.limiters.clear();
             state.built_for = wanted.clone();
         }
+        let (messages, connections) = match source {
+            Some(source) => state
+                .limiters
+                .entry(source.to_string())
+                .or_insert_with(|| {
+                    (
+                        limiter(wanted.max_message_rate, wanted.max_burst),
+                        limiter(wanted.max_connection_rate, 1),
+                    )
+                })
+                .clone(),
+            None => (None, None),
+        };
         let suspended_until = match &state.mode {
             Mode::Suspended { until, .. } => Some(*until),
             _ => None,
@@ -112,8 +125,8 @@ impl Throttles {
         SiteView {
             limits: wanted,
             suspended_until,
-            messages: state.messages.clone(),
-            connections: state.connections.clone(),
+            messages,
+            connections,
             mode: state.mode.clone(),
         }
     }
@@ -138,7 +151,7 @@ impl Throttles {
             }
         };
         // Make sure the site has state, then switch its mode.
-        self.view(site, shaping);
+        self.view(site, None, shaping);
         let mut sites = self.sites.lock().expect("throttle lock");
         if let Some(state) = sites.get_mut(site) {
             state.mode = mode;
@@ -173,6 +186,10 @@ impl Throttles {
 
 /// Describes a site's state in one line, for `queue explain`.
 pub fn describe(site: &str, view: &SiteView, active: usize) -> String {
+    let total = view
+        .limits
+        .total_max_connections
+        .map_or(String::new(), |total| format!(" (at most {total} from all sources)"));
     let rate = view
         .limits
         .max_message_rate
@@ -183,8 +200,8 @@ pub fn describe(site: &str, view: &SiteView, active: usize) -> String {
         Mode::Suspended { until, rule } => format!("suspended by rule {rule} until {}", crate::events::format_unix(*until)),
     };
     format!(
-        "site {site}: {mode}; {rate}, {active} of {} connections open, {} messages per connection",
-        view.limits.connection_cap(),
+        "site {site}: {mode}; per source IP {rate}, {} connections{total}; {active} open now; {} messages per connection",
+        view.limits.max_connections,
         view.limits.max_messages_per_connection
     )
 }
