@@ -120,6 +120,15 @@ pub struct DeliveryConfig {
     /// process exits anyway.
     #[serde(deserialize_with = "duration")]
     pub shutdown_grace: Duration,
+    /// Apply the MTA-STS policies (RFC 8461) that recipient domains publish.
+    pub mta_sts: bool,
+    /// TCP port of the HTTPS server of `mta-sts.<domain>`: 443 by RFC 8461;
+    /// labs and tests point it at their own server.
+    pub mta_sts_port: u16,
+    /// Extra trusted CA certificates (PEM) for verified TLS: MTA-STS policy
+    /// fetches and MX hosts under an enforced policy. The system's roots are
+    /// always trusted.
+    pub tls_ca_file: Option<PathBuf>,
     /// Fixed next hops by recipient domain, bypassing MX lookup: a value is
     /// `host` or `host:port`, where host is a name or an IP address.
     pub routes: BTreeMap<String, String>,
@@ -190,6 +199,9 @@ impl Default for DeliveryConfig {
             data_timeout: Duration::from_secs(600),
             max_connections: 500,
             shutdown_grace: Duration::from_secs(30),
+            mta_sts: true,
+            mta_sts_port: 443,
+            tls_ca_file: None,
             routes: BTreeMap::new(),
         }
     }

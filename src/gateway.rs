@@ -24,7 +24,11 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     pub resolver: crate::dns::Resolver,
     pub tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
+    /// Opportunistic STARTTLS: encrypts without checking the certificate.
     pub tls_connector: tokio_rustls::TlsConnector,
+    /// Verified TLS, for MX hosts under an enforced MTA-STS policy.
+    pub tls_verified: tokio_rustls::TlsConnector,
+    pub mta_sts: crate::delivery::mta_sts::MtaSts,
 }
 
 /// A message as the client handed it over, before the pipeline runs.

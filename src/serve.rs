@@ -27,7 +27,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let webhooks = crate::webhooks::Dispatcher::new(spool.clone(), policy.clone(), metrics.clone())?;
     webhooks.resume().context("cannot read the queued webhook events")?;
     let events = crate::events::EventLog::open(&config.spool.path, Some(webhooks))?;
+    let verified = crate::tls::verified_client_config(config.delivery.tls_ca_file.as_deref()).context("delivery.tls_ca_file")?;
+    let mta_sts = crate::delivery::mta_sts::MtaSts::new(verified.clone(), resolver.clone(), config.delivery.mta_sts_port)?;
     let gateway = Arc::new(Gateway {
+        tls_verified: tokio_rustls::TlsConnector::from(verified),
+        mta_sts,
         scheduler: crate::scheduler::Scheduler::new(config.delivery.max_connections),
         pipeline: crate::pipeline::Pipeline::new(config.hostname.clone(), policy.clone(), authenticator),
         policy,

@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod dsn;
+pub mod mta_sts;
 pub mod mx;
 pub mod outcome;
 
@@ -49,6 +50,7 @@ pub async fn run_connection(gateway: Arc<Gateway>, lane: Lane, site: String) {
         label: policy.shaping.metric_site(&site).to_string(),
         site: site.clone(),
         connection_permitted: false,
+        sts: None,
     };
     // Wait for the site's connection rate before taking a job, so a job
     // never waits here while an open connection could send it.
@@ -107,6 +109,20 @@ struct Worker {
     label: String,
     /// The site's connection rate already allowed the next connect.
     connection_permitted: bool,
+    /// The domain's MTA-STS policy, looked up once per connection task.
+    sts: Option<Option<Arc<mta_sts::Policy>>>,
+}
+
+/// How a connection uses TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TlsMode {
+    /// STARTTLS when offered, any certificate, clear text when it fails.
+    Opportunistic,
+    /// STARTTLS required, any certificate (`require_tls` in shaping).
+    Required,
+    /// STARTTLS required with a certificate valid for the MX host name
+    /// (an enforced MTA-STS policy).
+    Verified,
 }
 
 impl Worker {
@@ -279,6 +295,31 @@ impl Worker {
         };
         let every = |reply: Reply, remote: bool| due.iter().map(|_| (reply.clone(), remote)).collect::<Vec<_>>();
 
+        let mut tls_mode = if view.limits.require_tls { TlsMode::Required } else { TlsMode::Opportunistic };
+        let mut allowed: Vec<Target> = targets.to_vec();
+        if let Some(policy) = self.sts_policy().await {
+            let matching: Vec<Target> = targets.iter().filter(|target| policy.allows(&target.mx)).cloned().collect();
+            match policy.mode {
+                mta_sts::Mode::Enforce if matching.is_empty() => {
+                    let text = format!(
+                        "no MX host of {} matches its MTA-STS policy (mx: {})",
+                        self.domain,
+                        policy.mx.join(", ")
+                    );
+                    return (every(Reply::new(451, "4.7.5", text), false), AttemptInfo::default());
+                }
+                mta_sts::Mode::Enforce => {
+                    allowed = matching;
+                    tls_mode = TlsMode::Verified;
+                }
+                mta_sts::Mode::Testing if matching.len() < targets.len() => {
+                    tracing::info!(rcpt_domain = %self.domain, "MTA-STS policy in testing mode lists not every MX host; delivering as usual");
+                }
+                _ => {}
+            }
+        }
+        let targets = allowed.as_slice();
+
         for round in 0..2 {
             let reused = self.client.is_some();
             if self.client.is_none() {
@@ -288,7 +329,7 @@ impl Worker {
                     self.wait_for(limiter, site, "connection").await;
                 }
                 self.connection_permitted = false;
-                match self.connect(targets, view.limits.require_tls).await {
+                match self.connect(targets, tls_mode).await {
                     Ok(client) => self.client = Some(client),
                     Err((failure, info)) => {
                         let remote = matches!(failure, Failure::Rejected(_));
@@ -346,6 +387,19 @@ impl Worker {
         unreachable!("the second round always returns")
     }
 
+    /// Returns the domain's MTA-STS policy, looked up once per connection
+    /// task; `None` when MTA-STS is off or the domain has no policy.
+    async fn sts_policy(&mut self) -> Option<Arc<mta_sts::Policy>> {
+        if !self.gateway.config.delivery.mta_sts {
+            return None;
+        }
+        if self.sts.is_none() {
+            let policy = self.gateway.mta_sts.policy(&self.gateway.resolver, &self.domain).await;
+            self.sts = Some(policy);
+        }
+        self.sts.clone().flatten()
+    }
+
     /// Waits until `limiter` allows one more event, and records the wait.
     async fn wait_for(&self, limiter: &crate::scheduler::throttle::Limiter, site: &str, what: &'static str) {
         let started = Instant::now();
@@ -365,7 +419,12 @@ impl Worker {
     /// failure is retried once in clear text on the same address, unless the
     /// site's shaping policy has `require_tls`: then a host without TLS is
     /// skipped like one that is down.
-    async fn connect(&self, targets: &[Target], require_tls: bool) -> Result<Client, (Failure, AttemptInfo)> {
+    async fn connect(&self, targets: &[Target], tls_mode: TlsMode) -> Result<Client, (Failure, AttemptInfo)> {
+        let require_tls = tls_mode != TlsMode::Opportunistic;
+        let connector = match tls_mode {
+            TlsMode::Verified => &self.gateway.tls_verified,
+            _ => &self.gateway.tls_connector,
+        };
         let config = &self.gateway.config;
         let timeouts = Timeouts {
             connect: config.delivery.connect_timeout,
@@ -394,7 +453,7 @@ impl Worker {
                 target.address,
                 self.bind,
                 &self.ehlo,
-                Some(&self.gateway.tls_connector),
+                Some(connector),
                 timeouts,
             )
             .await;
@@ -417,9 +476,12 @@ impl Worker {
                 && require_tls
                 && !client.tls
             {
+                let reason = match tls_mode {
+                    TlsMode::Verified => format!("the MTA-STS policy of {}", self.domain),
+                    _ => format!("site {} by policies/shaping.yaml", self.site),
+                };
                 let text = format!(
-                    "TLS is required for site {} by policies/shaping.yaml, but {}[{}] offered no STARTTLS or refused it",
-                    self.site,
+                    "TLS is required for {reason}, but {}[{}] offered no STARTTLS or refused it",
                     target.mx,
                     target.address.ip()
                 );

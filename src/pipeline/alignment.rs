@@ -324,7 +324,7 @@ pub async fn count_spf_records(resolver: &Resolver, domain: &str) -> Result<usiz
 }
 
 /// Returns each TXT record's text, its character-strings concatenated.
-fn txt_strings(records: &[hickory_resolver::proto::rr::Record]) -> Vec<String> {
+pub(crate) fn txt_strings(records: &[hickory_resolver::proto::rr::Record]) -> Vec<String> {
     records
         .iter()
         .filter_map(|record| match &record.data {

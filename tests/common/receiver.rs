@@ -53,6 +53,8 @@ pub struct Script {
     pub starttls: Option<String>,
     /// Offer STARTTLS with a self-signed certificate for `name` and `localhost`.
     pub tls: bool,
+    /// Offer STARTTLS with this configuration instead of a self-signed one.
+    pub tls_config: Option<Arc<ServerConfig>>,
     /// Leave PIPELINING out of the EHLO reply.
     pub no_pipelining: bool,
     /// Wait this long before replying after DATA, to hold connections open.
@@ -73,6 +75,7 @@ impl Default for Script {
             data: None,
             starttls: None,
             tls: false,
+            tls_config: None,
             no_pipelining: false,
             data_delay: Duration::ZERO,
             max_size: 10 * 1024 * 1024,
@@ -133,6 +136,12 @@ impl Script {
 
     pub fn starttls_reply(mut self, reply: &str) -> Script {
         self.starttls = Some(reply.to_string());
+        self
+    }
+
+    /// Offers STARTTLS with `config` (a certificate from a test CA, say).
+    pub fn tls_with(mut self, config: Arc<ServerConfig>) -> Script {
+        self.tls_config = Some(config);
         self
     }
 
@@ -211,7 +220,9 @@ impl Receiver {
         );
         let listener = TcpListener::bind((ip, port)).await?;
         let addr = listener.local_addr()?;
-        let (tls, cert) = if script.tls {
+        let (tls, cert) = if let Some(config) = &script.tls_config {
+            (Some(TlsAcceptor::from(config.clone())), None)
+        } else if script.tls {
             let (config, cert) = tls_config(&script.name)?;
             (Some(TlsAcceptor::from(config)), Some(cert))
         } else {

@@ -70,3 +70,48 @@ impl ServerCertVerifier for AcceptAny {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+/// A certificate authority for tests whose certificates Baton trusts
+/// through `delivery.tls_ca_file`.
+pub struct TestCa {
+    params: rcgen::CertificateParams,
+    key: rcgen::KeyPair,
+    pem: String,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Baton test CA");
+        let key = rcgen::KeyPair::generate().expect("CA key");
+        let pem = params.self_signed(&key).expect("CA certificate").pem();
+        TestCa { params, key, pem }
+    }
+
+    /// Writes the CA certificate as PEM to `path`.
+    pub fn write(&self, path: &Path) {
+        std::fs::write(path, &self.pem).expect("write CA certificate");
+    }
+
+    /// Returns a server configuration with a certificate for `name`
+    /// signed by this CA.
+    pub fn server_config(&self, name: &str) -> Arc<rustls::ServerConfig> {
+        let key = rcgen::KeyPair::generate().expect("server key");
+        let params = rcgen::CertificateParams::new(vec![name.to_string()]).expect("server parameters");
+        let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
+        let certificate = params.signed_by(&key, &issuer).expect("server certificate");
+        let chain = vec![certificate.der().clone()];
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("aws-lc-rs supports the default protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("certificate and key match");
+        Arc::new(config)
+    }
+}
