@@ -50,8 +50,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen for HTTP on {http_address} (http.listen)"))?;
 
-    let resumed = resume_queue(&gateway)?;
     tokio::spawn(crate::scheduler::Scheduler::run_timer(gateway.clone()));
+    // The queue resumes in the background, so intake opens and the first
+    // deliveries start without waiting for a large spool to be read.
+    let resume = gateway.clone();
+    tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        match resume_queue(&resume) {
+            Ok(count) => tracing::info!(messages = count, seconds = started.elapsed().as_secs_f64(), "queue resumed from the spool"),
+            Err(error) => tracing::error!(error = %format!("{error:#}"), "resuming the queue failed; messages not yet read stay in the spool until the next start"),
+        }
+    });
     let mut intake = Vec::new();
     for listener in smtp_listeners {
         tracing::info!(address = %listener.local_addr()?, "SMTP intake listening");
@@ -67,7 +76,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(
         hostname = %gateway.config.hostname,
         spool = %gateway.config.spool.path.display(),
-        resumed_messages = resumed,
         "baton started"
     );
 
@@ -99,9 +107,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// Schedules every pending recipient found in the spool. Returns the
 /// number of messages resumed.
 fn resume_queue(gateway: &Arc<Gateway>) -> anyhow::Result<usize> {
+    // Queue ids sort by arrival, and messages that arrive while the scan
+    // runs are queued by intake: the scan stops before them.
+    let boundary = crate::spool::QueueId::generate();
     let mut count = 0;
     for message in gateway.spool.scan() {
         let message = message.context("cannot read the spool to resume the queue")?;
+        if message.id >= boundary {
+            break;
+        }
         let mut due_by_domain: HashMap<&str, u64> = HashMap::new();
         for (_, recipient) in &message.recipients {
             if recipient.state.is_pending() {
@@ -121,8 +135,8 @@ fn resume_queue(gateway: &Arc<Gateway>) -> anyhow::Result<usize> {
                 .schedule(gateway, message.id.clone(), domain.to_string(), message.envelope.pool.clone(), due);
         }
         count += 1;
+        gateway.metrics.queued_messages.inc();
     }
-    gateway.metrics.queued_messages.set(count as i64);
     Ok(count)
 }
 

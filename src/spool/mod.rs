@@ -37,7 +37,6 @@ mod commit;
 pub mod record;
 mod recovery;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, RwLock};
@@ -275,6 +274,8 @@ impl Spool {
     }
 
     /// Reads every queued message, oldest first (queue ids sort by time).
+    /// Messages stream one at a time, so a large queue is never held in
+    /// memory at once.
     pub fn scan(&self) -> impl Iterator<Item = anyhow::Result<QueuedMessage>> + '_ {
         let tree = match self.tree() {
             Ok(tree) => tree,
@@ -283,38 +284,17 @@ impl Spool {
                 return failed;
             }
         };
-        let mut recipients: BTreeMap<QueueId, Vec<(u32, RecipientRecord)>> = BTreeMap::new();
-        let mut error = None;
-        for entry in tree.scan_prefix(b"r/") {
-            let parsed = entry.map_err(anyhow::Error::from).and_then(|(key, value)| {
-                let id = parse_recipient_id(&key).context("corrupt recipient key")?;
-                let index = parse_recipient_index(&key).context("corrupt recipient key")?;
-                let record: RecipientRecord = serde_json::from_slice(&value)?;
-                Ok((id, index, record))
-            });
-            match parsed {
-                Ok((id, index, record)) => recipients.entry(id).or_default().push((index, record)),
-                Err(e) => {
-                    error = Some(e);
-                    break;
-                }
-            }
-        }
-        let envelopes = tree.scan_prefix(b"e/").map(move |entry| -> anyhow::Result<(QueueId, EnvelopeRecord)> {
+        Box::new(tree.scan_prefix(b"e/").map(move |entry| -> anyhow::Result<QueuedMessage> {
             let (key, value) = entry?;
             let id = QueueId::from_key_suffix(&key[2..]).context("corrupt envelope key")?;
             let envelope: EnvelopeRecord = serde_json::from_slice(&value)?;
-            Ok((id, envelope))
-        });
-        Box::new(error.map(Err).into_iter().chain(envelopes.map(move |entry| {
-            let (id, envelope) = entry?;
-            let recipients = recipients.remove(&id).unwrap_or_default();
+            let recipients = self.recipients(&id)?;
             Ok(QueuedMessage {
                 id,
                 envelope,
                 recipients,
             })
-        })))
+        }))
     }
 
     /// Returns the bytes the spool takes on disk; 0 while it is reopened.
@@ -431,12 +411,6 @@ fn envelope_key(id: &QueueId) -> Vec<u8> {
 
 fn recipient_key(id: &QueueId, index: u32) -> Vec<u8> {
     format!("r/{id}/{index:04}").into_bytes()
-}
-
-fn parse_recipient_id(key: &[u8]) -> Option<QueueId> {
-    let rest = key.strip_prefix(b"r/")?;
-    let slash = rest.iter().position(|&b| b == b'/')?;
-    QueueId::from_key_suffix(&rest[..slash])
 }
 
 fn parse_recipient_index(key: &[u8]) -> Option<u32> {
