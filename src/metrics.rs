@@ -22,6 +22,9 @@ pub enum RejectReason {
     Alignment,
     Unsubscribe,
     Pool,
+    /// MAIL from a client outside `smtp.relay_networks` that has not
+    /// authenticated.
+    AuthRequired,
 }
 
 impl RejectReason {
@@ -37,6 +40,7 @@ impl RejectReason {
             RejectReason::Alignment => "alignment",
             RejectReason::Unsubscribe => "unsubscribe",
             RejectReason::Pool => "pool",
+            RejectReason::AuthRequired => "auth_required",
         }
     }
 }

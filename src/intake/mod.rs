@@ -4,9 +4,11 @@
 //! hands them to the gateway; it never writes to the spool itself.
 
 pub mod address;
+pub mod auth;
 pub mod data;
 pub mod session;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -16,23 +18,52 @@ use tokio::sync::Semaphore;
 
 use crate::gateway::Gateway;
 
-/// Binds every `smtp.listen` address, so a port in use fails the start.
-pub async fn bind(gateway: &Gateway) -> anyhow::Result<Vec<TcpListener>> {
+/// State that every listener and session shares.
+pub struct Shared {
+    /// Permits for `smtp.max_sessions`, counted over all listeners.
+    sessions: Arc<Semaphore>,
+    /// Present when `smtp.auth.users_file` is set.
+    pub authenticator: Option<Arc<auth::Authenticator>>,
+}
+
+/// A bound SMTP listener.
+pub struct Listener {
+    tcp: TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl Listener {
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+}
+
+/// Binds every `smtp.listen` address, so a port in use fails the start, and
+/// reads the users file when AUTH is configured.
+pub async fn bind(gateway: &Gateway) -> anyhow::Result<Vec<Listener>> {
+    let smtp = &gateway.config.smtp;
+    let shared = Arc::new(Shared {
+        sessions: Arc::new(Semaphore::new(smtp.max_sessions)),
+        authenticator: auth::Authenticator::new(smtp)?.map(Arc::new),
+    });
     let mut listeners = Vec::new();
-    for address in &gateway.config.smtp.listen {
-        let listener = TcpListener::bind(address)
+    for address in &smtp.listen {
+        let tcp = TcpListener::bind(address)
             .await
             .with_context(|| format!("cannot listen for SMTP on {address} (smtp.listen)"))?;
-        listeners.push(listener);
+        listeners.push(Listener {
+            tcp,
+            shared: shared.clone(),
+        });
     }
     Ok(listeners)
 }
 
 /// Accepts connections until the task is dropped.
-pub async fn serve(gateway: Arc<Gateway>, listener: TcpListener) {
-    let sessions = Arc::new(Semaphore::new(gateway.config.smtp.max_sessions));
+pub async fn serve(gateway: Arc<Gateway>, listener: Listener) {
+    let Listener { tcp, shared } = listener;
     loop {
-        let (mut stream, peer) = match listener.accept().await {
+        let (mut stream, peer) = match tcp.accept().await {
             Ok(accepted) => accepted,
             Err(error) => {
                 // Typically EMFILE: wait instead of spinning on the error.
@@ -43,7 +74,7 @@ pub async fn serve(gateway: Arc<Gateway>, listener: TcpListener) {
         };
         let _ = stream.set_nodelay(true);
         gateway.metrics.intake_connections.inc();
-        let Ok(permit) = sessions.clone().try_acquire_owned() else {
+        let Ok(permit) = shared.sessions.clone().try_acquire_owned() else {
             let busy = format!(
                 "421 4.3.2 {} Too many concurrent sessions; try again later\r\n",
                 gateway.config.hostname
@@ -55,9 +86,10 @@ pub async fn serve(gateway: Arc<Gateway>, listener: TcpListener) {
             continue;
         };
         let gateway = gateway.clone();
+        let shared = shared.clone();
         tokio::spawn(async move {
             gateway.metrics.intake_sessions.inc();
-            session::Session::new(gateway.clone(), Box::new(stream), peer)
+            session::Session::new(gateway.clone(), shared, Box::new(stream), peer)
                 .run()
                 .await;
             gateway.metrics.intake_sessions.dec();
