@@ -56,8 +56,12 @@ pub struct SmtpConfig {
     pub session_timeout: Duration,
     /// Failed commands after which the session is closed.
     pub max_errors: u32,
-    /// Certificate for STARTTLS; absent means STARTTLS is not offered.
+    /// Certificate for STARTTLS and the implicit TLS listeners; absent
+    /// means neither is offered.
     pub tls: Option<TlsConfig>,
+    /// Addresses that speak TLS from the first byte (RFC 8314, the port 465
+    /// style), with the certificate of `tls`.
+    pub implicit_tls_listen: Vec<SocketAddr>,
     /// SMTP AUTH (RFC 4954).
     pub auth: AuthConfig,
 }
@@ -177,6 +181,7 @@ impl Default for SmtpConfig {
             session_timeout: Duration::from_secs(3600),
             max_errors: 20,
             tls: None,
+            implicit_tls_listen: Vec::new(),
             auth: AuthConfig::default(),
         }
     }
@@ -285,6 +290,9 @@ impl Config {
 
     fn validate_smtp(&self) -> anyhow::Result<()> {
         let smtp = &self.smtp;
+        if !smtp.implicit_tls_listen.is_empty() && smtp.tls.is_none() {
+            bail!("smtp.implicit_tls_listen needs a certificate; set smtp.tls.certificate and smtp.tls.key");
+        }
         let auth = &smtp.auth;
         if auth.users_file.is_some() && smtp.tls.is_none() && auth.cleartext_networks.is_empty() {
             bail!(

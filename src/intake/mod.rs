@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::gateway::Gateway;
@@ -29,6 +29,8 @@ pub struct Shared {
 /// A bound SMTP listener.
 pub struct Listener {
     tcp: TcpListener,
+    /// TLS starts with the first byte (`smtp.implicit_tls_listen`).
+    implicit_tls: bool,
     shared: Arc<Shared>,
 }
 
@@ -38,8 +40,9 @@ impl Listener {
     }
 }
 
-/// Binds every `smtp.listen` address, so a port in use fails the start, and
-/// reads the users file when AUTH is configured.
+/// Binds every `smtp.listen` and `smtp.implicit_tls_listen` address, so a
+/// port in use fails the start, and reads the users file when AUTH is
+/// configured.
 pub async fn bind(gateway: &Gateway) -> anyhow::Result<Vec<Listener>> {
     let smtp = &gateway.config.smtp;
     let shared = Arc::new(Shared {
@@ -53,6 +56,17 @@ pub async fn bind(gateway: &Gateway) -> anyhow::Result<Vec<Listener>> {
             .with_context(|| format!("cannot listen for SMTP on {address} (smtp.listen)"))?;
         listeners.push(Listener {
             tcp,
+            implicit_tls: false,
+            shared: shared.clone(),
+        });
+    }
+    for address in &smtp.implicit_tls_listen {
+        let tcp = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("cannot listen for SMTP over TLS on {address} (smtp.implicit_tls_listen)"))?;
+        listeners.push(Listener {
+            tcp,
+            implicit_tls: true,
             shared: shared.clone(),
         });
     }
@@ -61,7 +75,11 @@ pub async fn bind(gateway: &Gateway) -> anyhow::Result<Vec<Listener>> {
 
 /// Accepts connections until the task is dropped.
 pub async fn serve(gateway: Arc<Gateway>, listener: Listener) {
-    let Listener { tcp, shared } = listener;
+    let Listener {
+        tcp,
+        implicit_tls,
+        shared,
+    } = listener;
     loop {
         let (mut stream, peer) = match tcp.accept().await {
             Ok(accepted) => accepted,
@@ -89,11 +107,38 @@ pub async fn serve(gateway: Arc<Gateway>, listener: Listener) {
         let shared = shared.clone();
         tokio::spawn(async move {
             gateway.metrics.intake_sessions.inc();
-            session::Session::new(gateway.clone(), shared, Box::new(stream), peer)
-                .run()
-                .await;
+            let stream: Option<Box<dyn session::Io>> = if implicit_tls {
+                accept_tls(&gateway, stream, peer).await
+            } else {
+                Some(Box::new(stream))
+            };
+            if let Some(stream) = stream {
+                session::Session::new(gateway.clone(), shared, stream, peer, implicit_tls)
+                    .run()
+                    .await;
+            }
             gateway.metrics.intake_sessions.dec();
             drop(permit);
         });
+    }
+}
+
+/// Runs the TLS handshake of an implicit TLS connection, within
+/// `smtp.command_timeout`. Returns `None` when it fails.
+async fn accept_tls(gateway: &Gateway, stream: TcpStream, peer: SocketAddr) -> Option<Box<dyn session::Io>> {
+    let Some(acceptor) = gateway.tls_acceptor.clone() else {
+        tracing::error!(peer = %peer, "implicit TLS connection closed: no certificate is configured (smtp.tls)");
+        return None;
+    };
+    match tokio::time::timeout(gateway.config.smtp.command_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls_stream)) => Some(Box::new(tls_stream)),
+        Ok(Err(error)) => {
+            tracing::info!(peer = %peer, %error, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::info!(peer = %peer, "TLS handshake timed out");
+            None
+        }
     }
 }

@@ -65,7 +65,15 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(gateway: Arc<Gateway>, shared: Arc<Shared>, stream: Box<dyn Io>, peer: SocketAddr) -> Session {
+    /// Creates the session for a connection; `tls_active` is set for an
+    /// implicit TLS connection, whose handshake is already done.
+    pub fn new(
+        gateway: Arc<Gateway>,
+        shared: Arc<Shared>,
+        stream: Box<dyn Io>,
+        peer: SocketAddr,
+        tls_active: bool,
+    ) -> Session {
         let relay_network = gateway
             .config
             .smtp
@@ -81,7 +89,7 @@ impl Session {
             peer,
             helo: None,
             esmtp: false,
-            tls_active: false,
+            tls_active,
             transaction: None,
             errors: 0,
             relay_network,

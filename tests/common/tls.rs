@@ -172,3 +172,18 @@ impl TlsClient {
         connection.protocol_version().expect("handshake complete")
     }
 }
+
+/// Returns a TLS client like [`accept_any_connector`] that offers only
+/// the given TLS versions.
+pub fn accept_any_connector_with_versions(
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> tokio_rustls::TlsConnector {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions)
+        .expect("aws-lc-rs supports TLS 1.2 and 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
