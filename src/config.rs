@@ -62,6 +62,13 @@ pub struct SmtpConfig {
     /// Addresses that speak TLS from the first byte (RFC 8314, the port 465
     /// style), with the certificate of `tls`.
     pub implicit_tls_listen: Vec<SocketAddr>,
+    /// Most concurrent sessions from one client IP address; more are
+    /// greeted with `421 4.7.0`.
+    pub max_connections_per_ip: usize,
+    /// Largest header section of a message in bytes, CRLFs included.
+    pub max_header_size: usize,
+    /// Most header fields in a message.
+    pub max_header_fields: usize,
     /// SMTP AUTH (RFC 4954).
     pub auth: AuthConfig,
 }
@@ -182,6 +189,9 @@ impl Default for SmtpConfig {
             max_errors: 20,
             tls: None,
             implicit_tls_listen: Vec::new(),
+            max_connections_per_ip: 100,
+            max_header_size: 1024 * 1024,
+            max_header_fields: 1000,
             auth: AuthConfig::default(),
         }
     }
@@ -292,6 +302,15 @@ impl Config {
         let smtp = &self.smtp;
         if !smtp.implicit_tls_listen.is_empty() && smtp.tls.is_none() {
             bail!("smtp.implicit_tls_listen needs a certificate; set smtp.tls.certificate and smtp.tls.key");
+        }
+        if smtp.max_connections_per_ip == 0 {
+            bail!("smtp.max_connections_per_ip must be at least 1");
+        }
+        if smtp.max_header_size == 0 {
+            bail!("smtp.max_header_size must be at least 1");
+        }
+        if smtp.max_header_fields == 0 {
+            bail!("smtp.max_header_fields must be at least 1");
         }
         let auth = &smtp.auth;
         if auth.users_file.is_some() && smtp.tls.is_none() && auth.cleartext_networks.is_empty() {

@@ -25,6 +25,9 @@ pub enum RejectReason {
     /// MAIL from a client outside `smtp.relay_networks` that has not
     /// authenticated.
     AuthRequired,
+    /// A header section over `smtp.max_header_size` or with more fields
+    /// than `smtp.max_header_fields`.
+    HeaderLimit,
 }
 
 impl RejectReason {
@@ -41,6 +44,7 @@ impl RejectReason {
             RejectReason::Unsubscribe => "unsubscribe",
             RejectReason::Pool => "pool",
             RejectReason::AuthRequired => "auth_required",
+            RejectReason::HeaderLimit => "header_limit",
         }
     }
 }

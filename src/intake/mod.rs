@@ -8,8 +8,9 @@ pub mod auth;
 pub mod data;
 pub mod session;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use tokio::io::AsyncWriteExt;
@@ -24,6 +25,44 @@ pub struct Shared {
     sessions: Arc<Semaphore>,
     /// Present when `smtp.auth.users_file` is set.
     pub authenticator: Option<Arc<auth::Authenticator>>,
+    /// Open sessions per client IP address, for `smtp.max_connections_per_ip`.
+    connections_per_ip: Mutex<HashMap<IpAddr, usize>>,
+    max_connections_per_ip: usize,
+}
+
+impl Shared {
+    /// Counts a new session from `client`, or returns `None` when the client
+    /// already has `smtp.max_connections_per_ip` sessions.
+    fn claim_connection(self: &Arc<Self>, client: IpAddr) -> Option<ConnectionSlot> {
+        let mut connections = self.connections_per_ip.lock().expect("connection count lock");
+        let count = connections.entry(client).or_insert(0);
+        if *count >= self.max_connections_per_ip {
+            return None;
+        }
+        *count += 1;
+        Some(ConnectionSlot {
+            shared: self.clone(),
+            client,
+        })
+    }
+}
+
+/// One session's place in the per-IP count; released on drop.
+struct ConnectionSlot {
+    shared: Arc<Shared>,
+    client: IpAddr,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut connections = self.shared.connections_per_ip.lock().expect("connection count lock");
+        if let Some(count) = connections.get_mut(&self.client) {
+            *count -= 1;
+            if *count == 0 {
+                connections.remove(&self.client);
+            }
+        }
+    }
 }
 
 /// A bound SMTP listener.
@@ -48,6 +87,8 @@ pub async fn bind(gateway: &Gateway) -> anyhow::Result<Vec<Listener>> {
     let shared = Arc::new(Shared {
         sessions: Arc::new(Semaphore::new(smtp.max_sessions)),
         authenticator: auth::Authenticator::new(smtp)?.map(Arc::new),
+        connections_per_ip: Mutex::new(HashMap::new()),
+        max_connections_per_ip: smtp.max_connections_per_ip,
     });
     let mut listeners = Vec::new();
     for address in &smtp.listen {
@@ -92,6 +133,20 @@ pub async fn serve(gateway: Arc<Gateway>, listener: Listener) {
         };
         let _ = stream.set_nodelay(true);
         gateway.metrics.intake_connections.inc();
+        let Some(slot) = shared.claim_connection(peer.ip()) else {
+            tracing::debug!(client_ip = %peer.ip(), limit = shared.max_connections_per_ip, "connection rejected: too many connections from the client IP address");
+            let busy = format!(
+                "421 4.7.0 {} Too many connections from {}; at most {} at a time\r\n",
+                gateway.config.hostname,
+                peer.ip(),
+                shared.max_connections_per_ip
+            );
+            tokio::spawn(async move {
+                let _ = stream.write_all(busy.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+            continue;
+        };
         let Ok(permit) = shared.sessions.clone().try_acquire_owned() else {
             let busy = format!(
                 "421 4.3.2 {} Too many concurrent sessions; try again later\r\n",
@@ -119,6 +174,7 @@ pub async fn serve(gateway: Arc<Gateway>, listener: Listener) {
             }
             gateway.metrics.intake_sessions.dec();
             drop(permit);
+            drop(slot);
         });
     }
 }

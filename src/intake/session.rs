@@ -427,6 +427,10 @@ impl Session {
             self.push_error(line_length_reply(longest_line));
             return Ok(());
         }
+        if let Err(reply) = self.check_headers(&content) {
+            self.push_error(reply);
+            return Ok(());
+        }
         self.submit(transaction, content).await;
         Ok(())
     }
@@ -501,7 +505,41 @@ impl Session {
         if !content.is_empty() && !content.ends_with(b"\r\n") {
             content.extend_from_slice(b"\r\n");
         }
+        if let Err(reply) = self.check_headers(&content) {
+            self.push_error(reply);
+            return Ok(());
+        }
         self.submit(transaction, content).await;
+        Ok(())
+    }
+
+    /// Checks the header section against `smtp.max_header_size` and
+    /// `smtp.max_header_fields`.
+    fn check_headers(&self, content: &[u8]) -> Result<(), Reply> {
+        let smtp = &self.gateway.config.smtp;
+        let section = data::header_section(content);
+        if section.size > smtp.max_header_size {
+            self.gateway.metrics.reject(RejectReason::HeaderLimit);
+            return Err(Reply::new(
+                552,
+                "5.3.4",
+                format!(
+                    "Message header section is {} bytes; the limit is {} bytes",
+                    section.size, smtp.max_header_size
+                ),
+            ));
+        }
+        if section.fields > smtp.max_header_fields {
+            self.gateway.metrics.reject(RejectReason::HeaderLimit);
+            return Err(Reply::new(
+                554,
+                "5.6.0",
+                format!(
+                    "Message has {} header fields; the limit is {} fields",
+                    section.fields, smtp.max_header_fields
+                ),
+            ));
+        }
         Ok(())
     }
 
