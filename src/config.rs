@@ -56,8 +56,39 @@ pub struct SmtpConfig {
     pub session_timeout: Duration,
     /// Failed commands after which the session is closed.
     pub max_errors: u32,
-    /// Certificate for STARTTLS; absent means STARTTLS is not offered.
+    /// Certificate for STARTTLS and the implicit TLS listeners; absent
+    /// means neither is offered.
     pub tls: Option<TlsConfig>,
+    /// Addresses that speak TLS from the first byte (RFC 8314, the port 465
+    /// style), with the certificate of `tls`.
+    pub implicit_tls_listen: Vec<SocketAddr>,
+    /// Most concurrent sessions from one client IP address; more are
+    /// greeted with `421 4.7.0`.
+    pub max_connections_per_ip: usize,
+    /// Largest header section of a message in bytes, CRLFs included.
+    pub max_header_size: usize,
+    /// Most header fields in a message.
+    pub max_header_fields: usize,
+    /// SMTP AUTH (RFC 4954).
+    pub auth: AuthConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// File of user names and argon2 password hashes, managed with
+    /// `baton user`; absent means AUTH is not offered.
+    pub users_file: Option<PathBuf>,
+    /// Client networks that may authenticate without TLS.
+    pub cleartext_networks: Vec<IpNet>,
+    /// Failed AUTH attempts a client IP address may make in a burst before
+    /// AUTH is locked for it.
+    pub max_failures: u32,
+    /// Time after which a client IP address gets all of its
+    /// `max_failures` attempts back; one attempt returns every
+    /// `failure_window / max_failures`.
+    #[serde(deserialize_with = "duration")]
+    pub failure_window: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -166,6 +197,22 @@ impl Default for SmtpConfig {
             session_timeout: Duration::from_secs(3600),
             max_errors: 20,
             tls: None,
+            implicit_tls_listen: Vec::new(),
+            max_connections_per_ip: 100,
+            max_header_size: 1024 * 1024,
+            max_header_fields: 1000,
+            auth: AuthConfig::default(),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            users_file: None,
+            cleartext_networks: Vec::new(),
+            max_failures: 5,
+            failure_window: Duration::from_secs(300),
         }
     }
 }
@@ -254,10 +301,41 @@ impl Config {
                 self.smtp.max_command_line
             );
         }
+        self.validate_smtp()?;
         for (domain, target) in &self.delivery.routes {
             crate::delivery::mx::parse_route(target).with_context(|| {
                 format!("delivery.routes.{domain}: invalid next hop {target:?}; use host or host:port")
             })?;
+        }
+        Ok(())
+    }
+
+    fn validate_smtp(&self) -> anyhow::Result<()> {
+        let smtp = &self.smtp;
+        if !smtp.implicit_tls_listen.is_empty() && smtp.tls.is_none() {
+            bail!("smtp.implicit_tls_listen needs a certificate; set smtp.tls.certificate and smtp.tls.key");
+        }
+        if smtp.max_connections_per_ip == 0 {
+            bail!("smtp.max_connections_per_ip must be at least 1");
+        }
+        if smtp.max_header_size == 0 {
+            bail!("smtp.max_header_size must be at least 1");
+        }
+        if smtp.max_header_fields == 0 {
+            bail!("smtp.max_header_fields must be at least 1");
+        }
+        let auth = &smtp.auth;
+        if auth.users_file.is_some() && smtp.tls.is_none() && auth.cleartext_networks.is_empty() {
+            bail!(
+                "smtp.auth.users_file is set, but AUTH is offered only under TLS or from smtp.auth.cleartext_networks; \
+                 set smtp.tls or smtp.auth.cleartext_networks"
+            );
+        }
+        if auth.max_failures == 0 {
+            bail!("smtp.auth.max_failures must be at least 1");
+        }
+        if auth.failure_window < Duration::from_secs(1) {
+            bail!("smtp.auth.failure_window must be at least 1s");
         }
         Ok(())
     }

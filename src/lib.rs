@@ -22,4 +22,5 @@ pub mod scheduler;
 pub mod serve;
 pub mod spool;
 pub mod tls;
+pub mod users;
 pub mod webhooks;

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use baton::{config, dkim_cmd, dns_cmd, policy, queue_cmd, serve};
+use baton::{config, dkim_cmd, dns_cmd, policy, queue_cmd, serve, users};
 
 use clap::{Parser, Subcommand};
 
@@ -41,6 +41,26 @@ enum Command {
         #[command(subcommand)]
         command: DkimCommand,
     },
+    /// Manage the users who may send with SMTP AUTH (smtp.auth.users_file).
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Add a user, or set a new password for one. The password is read
+    /// from a prompt, or from the first line of standard input when that
+    /// is not a terminal. It is never taken from the command line.
+    Add {
+        /// User name as the client sends it in AUTH (case-sensitive).
+        name: String,
+    },
+    /// Remove a user.
+    Remove { name: String },
+    /// Print the user names, one per line.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -154,6 +174,15 @@ fn main() -> ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|runtime| runtime.block_on(dkim_cmd::check(&config, domain.as_deref()))),
+        Command::User {
+            command: UserCommand::Add { name },
+        } => users::add(&config, &name),
+        Command::User {
+            command: UserCommand::Remove { name },
+        } => users::remove(&config, &name),
+        Command::User {
+            command: UserCommand::List,
+        } => users::list(&config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

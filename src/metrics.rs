@@ -22,6 +22,12 @@ pub enum RejectReason {
     Alignment,
     Unsubscribe,
     Pool,
+    /// MAIL from a client outside `smtp.relay_networks` that has not
+    /// authenticated.
+    AuthRequired,
+    /// A header section over `smtp.max_header_size` or with more fields
+    /// than `smtp.max_header_fields`.
+    HeaderLimit,
 }
 
 impl RejectReason {
@@ -37,6 +43,8 @@ impl RejectReason {
             RejectReason::Alignment => "alignment",
             RejectReason::Unsubscribe => "unsubscribe",
             RejectReason::Pool => "pool",
+            RejectReason::AuthRequired => "auth_required",
+            RejectReason::HeaderLimit => "header_limit",
         }
     }
 }

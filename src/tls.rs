@@ -1,22 +1,55 @@
-//! TLS set-up shared by intake (STARTTLS server) and delivery (STARTTLS
-//! client). Everything uses aws-lc-rs, the provider mail-auth also uses.
+//! TLS set-up shared by intake (STARTTLS and implicit TLS server) and
+//! delivery (STARTTLS client). Everything uses aws-lc-rs, the provider mail-auth also uses.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use anyhow::Context;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-/// Builds the STARTTLS acceptor from PEM files.
+/// TLS versions intake accepts: 1.2 and 1.3 (RFC 8996 deprecates 1.0 and
+/// 1.1, which rustls does not implement anyway).
+const SERVER_VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+/// Builds the acceptor for STARTTLS and the implicit TLS listeners from PEM
+/// files.
+///
+/// Called within a Tokio runtime, it also starts a task that reads the
+/// files again on SIGHUP and when either file changes, so a renewed
+/// certificate is used without a restart. A reload that fails is logged
+/// and the previous certificate stays in use.
 pub fn server_acceptor(certificate: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    let provider = provider();
+    let resolver = Arc::new(ReloadingCertificate {
+        certificate: certificate.to_path_buf(),
+        key: key.to_path_buf(),
+        current: RwLock::new(Arc::new(load_certified_key(certificate, key, &provider)?)),
+        provider: provider.clone(),
+    });
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(SERVER_VERSIONS)?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver.clone());
+    if tokio::runtime::Handle::try_current().is_ok() {
+        tokio::spawn(resolver.watch());
+    }
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Reads a certificate chain and its private key, and checks that they
+/// belong together.
+fn load_certified_key(certificate: &Path, key: &Path, provider: &CryptoProvider) -> anyhow::Result<CertifiedKey> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(certificate)
         .with_context(|| format!("cannot read certificate file {}", certificate.display()))?
         .collect::<Result<_, _>>()
@@ -27,14 +60,106 @@ pub fn server_acceptor(certificate: &Path, key: &Path) -> anyhow::Result<tokio_r
             certificate.display()
         );
     }
-    let key = PrivateKeyDer::from_pem_file(key)
+    let key_der = PrivateKeyDer::from_pem_file(key)
         .with_context(|| format!("cannot read a private key from {}", key.display()))?;
-    let config = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .context("certificate and key do not form a usable pair")?;
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    CertifiedKey::from_der(chain, key_der, provider).with_context(|| {
+        format!(
+            "certificate {} and key {} do not form a usable pair",
+            certificate.display(),
+            key.display()
+        )
+    })
+}
+
+/// The server certificate, replaced in place by a reload.
+#[derive(Debug)]
+struct ReloadingCertificate {
+    certificate: PathBuf,
+    key: PathBuf,
+    current: RwLock<Arc<CertifiedKey>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ResolvesServerCert for ReloadingCertificate {
+    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().expect("certificate lock").clone())
+    }
+}
+
+impl ReloadingCertificate {
+    fn reload(&self) {
+        match load_certified_key(&self.certificate, &self.key, &self.provider) {
+            Ok(certified) => {
+                *self.current.write().expect("certificate lock") = Arc::new(certified);
+                tracing::info!(certificate = %self.certificate.display(), "TLS certificate reloaded");
+            }
+            Err(error) => {
+                tracing::error!(error = %format!("{error:#}"), "TLS certificate reload failed; keeping the previous certificate");
+            }
+        }
+    }
+
+    /// Reloads on SIGHUP and when the certificate or key file changes. The
+    /// folders are watched, not the files, because renewal tools replace
+    /// files by rename or switch symbolic links. Changes are gathered for
+    /// half a second so that writing both files causes one reload.
+    async fn watch(self: Arc<Self>) {
+        let names: Vec<_> = [&self.certificate, &self.key]
+            .iter()
+            .filter_map(|path| path.file_name().map(|name| name.to_os_string()))
+            .collect();
+        let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            let Ok(event) = event else { return };
+            let ours = event
+                .paths
+                .iter()
+                .any(|path| path.file_name().is_some_and(|name| names.iter().any(|n| n == name)));
+            if ours && !event.kind.is_access() {
+                let _ = sender.send(());
+            }
+        });
+        let _watcher = match watcher {
+            Ok(mut watcher) => {
+                use notify::Watcher;
+                let mut folders: Vec<PathBuf> = [&self.certificate, &self.key]
+                    .iter()
+                    .map(|path| match path.parent() {
+                        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+                        _ => PathBuf::from("."),
+                    })
+                    .collect();
+                folders.dedup();
+                for folder in &folders {
+                    if let Err(error) = watcher.watch(folder, notify::RecursiveMode::NonRecursive) {
+                        tracing::warn!(folder = %folder.display(), %error, "cannot watch the certificate folder; reload with SIGHUP after renewing");
+                    }
+                }
+                Some(watcher)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "file watching unavailable; reload the certificate with SIGHUP after renewing");
+                None
+            }
+        };
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(signal) => Some(signal),
+            Err(error) => {
+                tracing::warn!(%error, "cannot handle SIGHUP; the certificate reloads only on file changes");
+                None
+            }
+        };
+        loop {
+            tokio::select! {
+                Some(()) = receiver.recv() => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    while receiver.try_recv().is_ok() {}
+                }
+                Some(()) = async { match hangup.as_mut() { Some(signal) => signal.recv().await, None => std::future::pending().await } } => {}
+            }
+            self.reload();
+        }
+    }
 }
 
 /// Builds the connector for opportunistic STARTTLS to MX hosts.

@@ -154,10 +154,46 @@ pub fn check_line_endings(content: &[u8]) -> Result<usize, DataError> {
     Ok(longest.max(line_length))
 }
 
+/// Size and field count of a message's header section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeaderSection {
+    /// Bytes from the start of the message to the end of the last header
+    /// line, CRLFs included, without the empty line that ends the section.
+    pub size: usize,
+    /// Header fields; a folded field's continuation lines count with it.
+    pub fields: usize,
+}
+
+/// Measures the header section of CRLF-terminated content: every line up
+/// to the first empty line, or the whole content when it has none.
+pub fn header_section(content: &[u8]) -> HeaderSection {
+    let mut size = 0;
+    let mut fields = 0;
+    for line in content.split_inclusive(|&byte| byte == b'\n') {
+        if line == b"\r\n" {
+            break;
+        }
+        if !matches!(line.first(), Some(b' ' | b'\t')) || fields == 0 {
+            fields += 1;
+        }
+        size += line.len();
+    }
+    HeaderSection { size, fields }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn header_section_measured() {
+        let message = b"From: a@example.com\r\nSubject: one\r\n two\r\n\r\nbody\r\nX: not a header\r\n";
+        assert_eq!(header_section(message), HeaderSection { size: 41, fields: 2 });
+        assert_eq!(header_section(b"\r\nbody\r\n"), HeaderSection { size: 0, fields: 0 });
+        assert_eq!(header_section(b"A: 1\r\nB: 2\r\n"), HeaderSection { size: 12, fields: 2 });
+        assert_eq!(header_section(b""), HeaderSection { size: 0, fields: 0 });
+    }
 
     fn read_all(input: &[u8]) -> (Progress, Vec<u8>) {
         let mut reader = DataReader::new(1 << 20);

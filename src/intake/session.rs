@@ -13,7 +13,9 @@ use smtp_proto::{Error as ParseError, Request};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::time::{Instant, timeout};
 
+use super::Shared;
 use super::address::{Recipient, parse_address};
+use super::auth::{self, SaslError};
 use super::data::{self, DataError, DataReader, Progress};
 use crate::gateway::{Gateway, Submission};
 use crate::metrics::RejectReason;
@@ -46,6 +48,7 @@ struct Transaction {
 
 pub struct Session {
     gateway: Arc<Gateway>,
+    shared: Arc<Shared>,
     reader: BufReader<Box<dyn Io>>,
     output: Vec<u8>,
     peer: SocketAddr,
@@ -54,13 +57,24 @@ pub struct Session {
     tls_active: bool,
     transaction: Option<Transaction>,
     errors: u32,
-    relay_allowed: bool,
+    /// The client is in `smtp.relay_networks`.
+    relay_network: bool,
+    /// User name after a successful AUTH.
+    authenticated: Option<String>,
     deadline: Instant,
 }
 
 impl Session {
-    pub fn new(gateway: Arc<Gateway>, stream: Box<dyn Io>, peer: SocketAddr) -> Session {
-        let relay_allowed = gateway
+    /// Creates the session for a connection; `tls_active` is set for an
+    /// implicit TLS connection, whose handshake is already done.
+    pub fn new(
+        gateway: Arc<Gateway>,
+        shared: Arc<Shared>,
+        stream: Box<dyn Io>,
+        peer: SocketAddr,
+        tls_active: bool,
+    ) -> Session {
+        let relay_network = gateway
             .config
             .smtp
             .relay_networks
@@ -69,15 +83,17 @@ impl Session {
         let deadline = Instant::now() + gateway.config.smtp.session_timeout;
         Session {
             gateway,
+            shared,
             reader: BufReader::with_capacity(16 * 1024, stream),
             output: Vec::with_capacity(1024),
             peer,
             helo: None,
             esmtp: false,
-            tls_active: false,
+            tls_active,
             transaction: None,
             errors: 0,
-            relay_allowed,
+            relay_network,
+            authenticated: None,
             deadline,
         }
     }
@@ -174,6 +190,10 @@ impl Session {
                 return Err(Close::Done);
             }
             Request::StartTls => return self.starttls().await,
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => return self.auth(mechanism, initial_response).await,
             Request::Lhlo { .. } => self.push_error(Reply::new(
                 500,
                 "5.5.1",
@@ -210,6 +230,9 @@ impl Session {
         if self.gateway.tls_acceptor.is_some() && !self.tls_active {
             lines.push("STARTTLS".to_string());
         }
+        if self.auth_offered() {
+            lines.push("AUTH PLAIN LOGIN".to_string());
+        }
         let reply = Reply {
             code: 250,
             enhanced: String::new(),
@@ -229,6 +252,19 @@ impl Session {
                 "5.5.1",
                 "Nested MAIL command; send RSET to start over",
             ));
+            return;
+        }
+        if !self.relay_allowed() && self.shared.authenticator.is_some() {
+            self.gateway.metrics.reject(RejectReason::AuthRequired);
+            let text = if self.auth_offered() {
+                format!("Authentication required: client {} is not in smtp.relay_networks; send AUTH", self.peer.ip())
+            } else {
+                format!(
+                    "Authentication required: client {} is not in smtp.relay_networks; send STARTTLS, then AUTH",
+                    self.peer.ip()
+                )
+            };
+            self.push_error(Reply::new(530, "5.7.0", text));
             return;
         }
         let max_size = self.gateway.config.smtp.max_message_size;
@@ -283,7 +319,7 @@ impl Session {
             self.push_error(Reply::new(503, "5.5.1", "Send MAIL first"));
             return;
         };
-        if !self.relay_allowed {
+        if !(self.relay_network || self.authenticated.is_some()) {
             self.gateway.metrics.reject(RejectReason::RelayDenied);
             let reply = Reply::new(
                 550,
@@ -391,6 +427,10 @@ impl Session {
             self.push_error(line_length_reply(longest_line));
             return Ok(());
         }
+        if let Err(reply) = self.check_headers(&content) {
+            self.push_error(reply);
+            return Ok(());
+        }
         self.submit(transaction, content).await;
         Ok(())
     }
@@ -465,7 +505,41 @@ impl Session {
         if !content.is_empty() && !content.ends_with(b"\r\n") {
             content.extend_from_slice(b"\r\n");
         }
+        if let Err(reply) = self.check_headers(&content) {
+            self.push_error(reply);
+            return Ok(());
+        }
         self.submit(transaction, content).await;
+        Ok(())
+    }
+
+    /// Checks the header section against `smtp.max_header_size` and
+    /// `smtp.max_header_fields`.
+    fn check_headers(&self, content: &[u8]) -> Result<(), Reply> {
+        let smtp = &self.gateway.config.smtp;
+        let section = data::header_section(content);
+        if section.size > smtp.max_header_size {
+            self.gateway.metrics.reject(RejectReason::HeaderLimit);
+            return Err(Reply::new(
+                552,
+                "5.3.4",
+                format!(
+                    "Message header section is {} bytes; the limit is {} bytes",
+                    section.size, smtp.max_header_size
+                ),
+            ));
+        }
+        if section.fields > smtp.max_header_fields {
+            self.gateway.metrics.reject(RejectReason::HeaderLimit);
+            return Err(Reply::new(
+                554,
+                "5.6.0",
+                format!(
+                    "Message has {} header fields; the limit is {} fields",
+                    section.fields, smtp.max_header_fields
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -522,6 +596,7 @@ impl Session {
                 self.helo = None;
                 self.esmtp = false;
                 self.transaction = None;
+                self.authenticated = None;
                 Ok(())
             }
             Ok(Err(error)) => {
@@ -530,6 +605,176 @@ impl Session {
             }
             Err(_) => Err(Close::Lost),
         }
+    }
+
+    /// Tells whether relaying is allowed: from `smtp.relay_networks`, or
+    /// after a successful AUTH.
+    fn relay_allowed(&self) -> bool {
+        self.relay_network || self.authenticated.is_some()
+    }
+
+    /// Tells whether AUTH is advertised and accepted on this connection.
+    fn auth_offered(&self) -> bool {
+        self.shared
+            .authenticator
+            .as_ref()
+            .is_some_and(|authenticator| authenticator.offered(self.peer.ip(), self.tls_active))
+    }
+
+    /// Runs an AUTH exchange (RFC 4954 section 4).
+    async fn auth(&mut self, mechanism: u64, initial_response: String) -> Result<(), Close> {
+        let Some(authenticator) = self.shared.authenticator.clone() else {
+            self.push_error(Reply::new(502, "5.5.1", "AUTH is not available on this server"));
+            return Ok(());
+        };
+        if !self.esmtp {
+            self.push_error(Reply::new(503, "5.5.1", "Send EHLO first"));
+            return Ok(());
+        }
+        if self.authenticated.is_some() {
+            self.push_error(Reply::new(503, "5.5.1", "Already authenticated"));
+            return Ok(());
+        }
+        if self.transaction.is_some() {
+            self.push_error(Reply::new(503, "5.5.1", "AUTH is not allowed during a mail transaction; send RSET"));
+            return Ok(());
+        }
+        let client = self.peer.ip();
+        if !authenticator.offered(client, self.tls_active) {
+            self.push_error(Reply::new(
+                538,
+                "5.7.11",
+                "Encryption required for requested authentication mechanism; send STARTTLS first",
+            ));
+            return Ok(());
+        }
+        let mechanism_name = match mechanism {
+            smtp_proto::AUTH_PLAIN => "PLAIN",
+            smtp_proto::AUTH_LOGIN => "LOGIN",
+            _ => {
+                self.push_error(Reply::new(504, "5.5.4", "Unrecognized authentication type; use PLAIN or LOGIN"));
+                return Ok(());
+            }
+        };
+        if let Some(wait) = authenticator.locked_for(client) {
+            tracing::debug!(client_ip = %client, "AUTH rejected: client IP address is locked after failed attempts");
+            self.push(&Reply::new(
+                454,
+                "4.7.0",
+                format!(
+                    "Too many failed AUTH attempts from {client}; try again in {} seconds",
+                    wait.as_secs().max(1)
+                ),
+            ));
+            return Ok(());
+        }
+
+        let credentials = if mechanism == smtp_proto::AUTH_PLAIN {
+            self.plain_credentials(&initial_response).await
+        } else {
+            self.login_credentials(&initial_response).await
+        };
+        let (name, password) = match credentials {
+            Ok(credentials) => credentials,
+            Err(AuthStop::Close(close)) => return Err(close),
+            Err(AuthStop::Reply(reply)) => {
+                self.push_error(reply);
+                return Ok(());
+            }
+            Err(AuthStop::OtherIdentity(name)) => {
+                tracing::warn!(user = ?name, client_ip = %client, mechanism = mechanism_name, "AUTH failed: the authorization identity names another user");
+                self.auth_failed(&authenticator, mechanism_name);
+                return Ok(());
+            }
+        };
+        if authenticator.verify(&name, password).await {
+            tracing::info!(user = ?name, client_ip = %client, mechanism = mechanism_name, tls = self.tls_active, "AUTH succeeded");
+            self.authenticated = Some(name);
+            self.push(&Reply::new(235, "2.7.0", "Authentication successful"));
+        } else {
+            tracing::warn!(user = ?name, client_ip = %client, mechanism = mechanism_name, "AUTH failed: unknown user or wrong password");
+            self.auth_failed(&authenticator, mechanism_name);
+        }
+        Ok(())
+    }
+
+    /// Counts a failed AUTH towards the client's lockout and replies 535.
+    fn auth_failed(&mut self, authenticator: &auth::Authenticator, mechanism: &str) {
+        let client = self.peer.ip();
+        if let Some(lockout) = authenticator.record_failure(client) {
+            tracing::warn!(client_ip = %client, mechanism, lockout_seconds = lockout.as_secs().max(1), "AUTH locked for the client after too many failed attempts");
+        }
+        self.push_error(Reply::new(535, "5.7.8", "Authentication credentials invalid"));
+    }
+
+    /// Reads the PLAIN response: the initial response, or the response to
+    /// an empty challenge.
+    async fn plain_credentials(&mut self, initial_response: &str) -> Result<(String, Vec<u8>), AuthStop> {
+        let response = if initial_response.is_empty() {
+            self.sasl_response("").await?
+        } else {
+            decode_sasl(initial_response)?
+        };
+        match auth::split_plain(&response) {
+            Ok(credentials) => Ok(credentials),
+            Err(SaslError::OtherIdentity) => {
+                let name = response.split(|&byte| byte == 0).nth(1).unwrap_or_default();
+                Err(AuthStop::OtherIdentity(String::from_utf8_lossy(name).into_owned()))
+            }
+            Err(_) => Err(AuthStop::Reply(Reply::new(
+                501,
+                "5.5.2",
+                "Invalid PLAIN response; send base64 of authzid NUL user NUL password",
+            ))),
+        }
+    }
+
+    /// Reads the LOGIN user name (or takes it from the initial response)
+    /// and password.
+    async fn login_credentials(&mut self, initial_response: &str) -> Result<(String, Vec<u8>), AuthStop> {
+        let name = if initial_response.is_empty() {
+            self.sasl_response("VXNlcm5hbWU6").await?
+        } else {
+            decode_sasl(initial_response)?
+        };
+        let name = String::from_utf8(name)
+            .ok()
+            .filter(|name| !name.is_empty())
+            .ok_or_else(|| AuthStop::Reply(Reply::new(501, "5.5.2", "Invalid LOGIN user name; send it as UTF-8 in base64")))?;
+        let password = self.sasl_response("UGFzc3dvcmQ6").await?;
+        Ok((name, password))
+    }
+
+    /// Sends a `334` challenge (base64 text) and returns the client's
+    /// decoded response.
+    async fn sasl_response(&mut self, challenge: &str) -> Result<Vec<u8>, AuthStop> {
+        self.push(&Reply::new(334, "", challenge));
+        self.flush().await.map_err(|_| AuthStop::Close(Close::Lost))?;
+        let mut line = Vec::with_capacity(256);
+        let command_timeout = self.gateway.config.smtp.command_timeout;
+        match self.read_line(&mut line, command_timeout).await {
+            LineRead::Line => {}
+            LineRead::Eof => return Err(AuthStop::Close(Close::Lost)),
+            LineRead::TimedOut => {
+                self.push(&Reply::new(421, "4.4.2", "Timeout waiting for the AUTH response; closing"));
+                return Err(AuthStop::Close(Close::Done));
+            }
+            LineRead::TooLong => {
+                return Err(AuthStop::Reply(Reply::new(500, "5.5.6", "Authentication exchange line is too long")));
+            }
+        }
+        let Some(text) = line.strip_suffix(b"\r\n") else {
+            return Err(AuthStop::Reply(Reply::new(
+                500,
+                "5.5.2",
+                "AUTH response ends in a bare LF; end every line with CRLF",
+            )));
+        };
+        let text = String::from_utf8_lossy(text);
+        if text == "*" {
+            return Err(AuthStop::Reply(Reply::new(501, "5.0.0", "Authentication cancelled")));
+        }
+        decode_sasl(&text)
     }
 
     /// Reads one line, up to and including LF, into `line`.
@@ -601,6 +846,21 @@ impl Session {
         result?;
         stream.flush().await
     }
+}
+
+/// Reason an AUTH exchange ended without credentials to check.
+enum AuthStop {
+    /// The session ends.
+    Close(Close),
+    /// The exchange failed with this reply; no password was checked.
+    Reply(Reply),
+    /// A PLAIN authorization identity named another user than this one.
+    OtherIdentity(String),
+}
+
+fn decode_sasl(text: &str) -> Result<Vec<u8>, AuthStop> {
+    auth::decode_response(text)
+        .map_err(|_| AuthStop::Reply(Reply::new(501, "5.5.2", "Invalid base64 in the AUTH response")))
 }
 
 enum LineRead {
