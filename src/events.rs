@@ -55,6 +55,9 @@ pub struct Event {
     /// The message is a DSN made by this gateway.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub dsn: bool,
+    /// For `received`: the user the client authenticated as with AUTH.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_user: Option<String>,
     /// Outbound pool of the message.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
@@ -98,6 +101,7 @@ impl Event {
             dkim_domain: None,
             alignment: None,
             dsn: message.envelope.is_dsn,
+            auth_user: None,
             pool: Some(message.envelope.pool.clone()).filter(|pool| !pool.is_empty()),
             source: None,
         }
@@ -129,6 +133,7 @@ impl Event {
             dkim_domain: None,
             alignment: None,
             dsn: envelope.is_dsn,
+            auth_user: None,
             pool: Some(info.pool.clone()).filter(|pool| !pool.is_empty()),
             source: Some(info.source.clone()).filter(|source| !source.is_empty()),
         }

@@ -41,6 +41,8 @@ pub struct Submission {
     pub tls: bool,
     pub smtputf8: bool,
     pub eight_bit: bool,
+    /// User name the client authenticated as with AUTH, if it did.
+    pub auth_user: Option<String>,
     /// Message content: CRLF line ends, dot-stuffing removed.
     pub content: Vec<u8>,
 }
@@ -61,6 +63,7 @@ impl Gateway {
             }
         };
         let data = processed.data;
+        let submission_auth_user = submission.auth_user.clone();
 
         let now = record::unix_now();
         let message = NewMessage {
@@ -108,6 +111,7 @@ impl Gateway {
             .with_label_values(&[processed.pool.as_str()])
             .inc();
         let mut event = Event::received(&message);
+        event.auth_user = submission_auth_user;
         event.dkim_domain = processed.signed_for;
         if let Some(alignment) = &processed.alignment {
             let result = match &alignment.report {

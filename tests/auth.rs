@@ -132,8 +132,13 @@ async fn open_relay_refused_without_auth() {
 
     let messages = receiver.wait_for_messages(1, WAIT).await;
     assert_eq!(messages[0].mail_from, "sender@dest.example");
+    let data = messages[0].data_str();
+    assert!(data.contains("with ESMTPSA"), "Received header does not record AUTH:\n{data}");
+    assert!(!data.contains("alice"), "user name in the message:\n{data}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(received_count(&gateway), 1, "events: {:#?}", gateway.events());
+    let received = gateway.events().into_iter().find(|event| event["event"] == "received").unwrap();
+    assert_eq!(received["auth_user"], "alice");
 }
 
 #[tokio::test]

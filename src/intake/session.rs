@@ -553,6 +553,7 @@ impl Session {
             tls: self.tls_active,
             smtputf8: transaction.smtputf8,
             eight_bit: transaction.eight_bit,
+            auth_user: self.authenticated.clone(),
             content,
         };
         let reply = match self.gateway.receive(submission).await {

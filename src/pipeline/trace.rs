@@ -8,14 +8,17 @@ use crate::spool::QueueId;
 
 /// Builds the Received header, folded, with its final CRLF.
 pub fn received_header(hostname: &str, id: &QueueId, submission: &Submission) -> String {
-    // RFC 3848 protocol names; UTF8 variants per RFC 6531 section 3.7.3.
-    let protocol = match (submission.smtputf8, submission.esmtp, submission.tls) {
-        (true, _, true) => "UTF8SMTPS",
-        (true, _, false) => "UTF8SMTP",
-        (false, true, true) => "ESMTPS",
-        (false, true, false) => "ESMTP",
-        (false, false, _) => "SMTP",
+    // RFC 3848 protocol names (A for an authenticated client); UTF8
+    // variants per RFC 6531 section 3.7.3. The user name stays out of the
+    // header, which every recipient can read.
+    let base = match (submission.smtputf8, submission.esmtp) {
+        (true, _) => "UTF8SMTP",
+        (false, true) => "ESMTP",
+        (false, false) => "SMTP",
     };
+    let tls = if submission.tls { "S" } else { "" };
+    let auth = if submission.auth_user.is_some() && base != "SMTP" { "A" } else { "" };
+    let protocol = format!("{base}{tls}{auth}");
     let helo: String = submission
         .helo
         .chars()
