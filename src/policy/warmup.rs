@@ -53,6 +53,24 @@ pub struct Schedule {
     pub spread: Option<Spread>,
     #[serde(default)]
     pub hold_on: HoldOn,
+    /// IANA time zone whose midnight ends a day, such as `America/New_York`;
+    /// UTC when absent.
+    #[serde(default)]
+    pub timezone: Option<String>,
+    #[serde(skip)]
+    zone: Option<jiff::tz::TimeZone>,
+}
+
+/// Calendar position of an instant in a schedule's time zone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clock {
+    /// Local date, in days since 1970-01-01.
+    pub today: i64,
+    /// Local hour, 0 to 23.
+    pub hour: u64,
+    /// Start of the next local day and hour, in seconds since the Unix epoch.
+    pub next_day: u64,
+    pub next_hour: u64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -71,7 +89,15 @@ impl Schedules {
         if text.trim().is_empty() {
             return Ok(Schedules::default());
         }
-        let file: WarmupFile = serde_norway::from_str(text)?;
+        let mut file: WarmupFile = serde_norway::from_str(text)?;
+        for (name, schedule) in file.schedules.iter_mut() {
+            if let Some(zone) = &schedule.timezone {
+                let found = jiff::tz::TimeZone::get(zone).map_err(|error| {
+                    anyhow::anyhow!("schedule {name:?}: unknown timezone {zone:?} ({error}); use an IANA name such as Europe/Berlin")
+                })?;
+                schedule.zone = Some(found);
+            }
+        }
         for (name, schedule) in &file.schedules {
             let ramps = std::iter::once(("daily".to_string(), &schedule.daily))
                 .chain(schedule.sites.iter().map(|(site, ramp)| (format!("sites.{site}"), ramp)));
@@ -145,6 +171,35 @@ pub struct Standing {
 }
 
 impl Schedule {
+    /// Returns where `now` (seconds since the Unix epoch) falls in the
+    /// schedule's time zone.
+    pub fn clock(&self, now: u64) -> Clock {
+        let utc = Clock {
+            today: (now / DAY) as i64,
+            hour: (now % DAY) / HOUR,
+            next_day: (now / DAY + 1) * DAY,
+            next_hour: (now / HOUR + 1) * HOUR,
+        };
+        let Some(zone) = &self.zone else {
+            return utc;
+        };
+        let local = || -> Result<Clock, jiff::Error> {
+            let zoned = jiff::Timestamp::from_second(now as i64)?.to_zoned_datetime(zone.clone());
+            let today = zoned.date().to_zoned_datetime(jiff::tz::TimeZone::UTC)?.timestamp().as_second() / DAY as i64;
+            let next_day = zoned.tomorrow()?.start_of_day()?.timestamp().as_second();
+            let rounding = jiff::ZonedDateTimeRound::new().smallest(jiff::Unit::Hour).mode(jiff::RoundMode::Trunc);
+            let next_hour = zoned.round(rounding)?.checked_add(jiff::Span::new().hours(1))?.timestamp().as_second();
+            Ok(Clock {
+                today,
+                hour: zoned.hour() as u64,
+                next_day: next_day as u64,
+                next_hour: next_hour as u64,
+            })
+        };
+        // Dates far outside jiff's range cannot occur for a real clock.
+        local().unwrap_or(utc)
+    }
+
     /// Returns the ramp for `site`.
     fn ramp(&self, site: &str) -> &[u64] {
         self.sites.get(site).unwrap_or(&self.daily)
@@ -210,27 +265,24 @@ impl Schedule {
     /// epoch) if today's cap (and this hour's, with `spread: hourly`)
     /// allows it.
     pub fn take(&self, counters: &mut Counters, started: i64, site: &str, now: u64) -> Take {
-        let today = (now / DAY) as i64;
+        let clock = self.clock(now);
+        let today = clock.today;
         self.roll(counters, today);
         let Some(cap) = self.standing(counters, started, site, today).cap else {
             counters.sent += 1;
             return Take::Allowed;
         };
         if counters.sent >= cap {
-            return Take::Full {
-                until: (today as u64 + 1) * DAY,
-            };
+            return Take::Full { until: clock.next_day };
         }
         if self.spread == Some(Spread::Hourly) {
-            let hour = (now % DAY) / HOUR;
+            let hour = clock.hour;
             if counters.hour != hour {
                 counters.hour = hour;
                 counters.sent_hour = 0;
             }
             if counters.sent_hour >= cap.div_ceil(24) {
-                return Take::Full {
-                    until: (now / HOUR + 1) * HOUR,
-                };
+                return Take::Full { until: clock.next_hour };
             }
             counters.sent_hour += 1;
         }
@@ -345,12 +397,35 @@ mod tests {
     }
 
     #[test]
+    fn timezone_moves_midnight() {
+        let schedule = schedule("schedules:\n  s:\n    daily: [1, 2]\n    timezone: America/New_York\n");
+        // 2025-01-01, in winter: 03:00 UTC is 22:00 the day before in New
+        // York (EST, UTC-5).
+        const WINTER_DAY: i64 = 20_089;
+        let clock = schedule.clock(at(WINTER_DAY, 3));
+        assert_eq!(clock.today, WINTER_DAY - 1);
+        assert_eq!(clock.hour, 22);
+        assert_eq!(clock.next_day, at(WINTER_DAY, 5));
+        assert_eq!(clock.next_hour, at(WINTER_DAY, 4));
+
+        // The day's cap ends at local midnight, not at UTC midnight.
+        let mut counters = Counters::default();
+        assert_eq!(schedule.take(&mut counters, WINTER_DAY - 1, "other", at(WINTER_DAY, 3)), Take::Allowed);
+        assert_eq!(
+            schedule.take(&mut counters, WINTER_DAY - 1, "other", at(WINTER_DAY, 4)),
+            Take::Full { until: at(WINTER_DAY, 5) }
+        );
+        assert_eq!(schedule.take(&mut counters, WINTER_DAY - 1, "other", at(WINTER_DAY, 5)), Take::Allowed);
+    }
+
+    #[test]
     fn invalid_schedules_rejected() {
         for (text, expected) in [
             ("schedules:\n  s:\n    daily: []\n", "`daily` must list"),
             ("schedules:\n  s:\n    daily: [1]\n    sites:\n      google: [0]\n", "`sites.google`"),
             ("schedules:\n  s:\n    daily: [1]\n    hold_on:\n      deferral_rate_above: 10\n", "fraction"),
             ("schedules:\n  s:\n    daily: [1]\n    advance: weekly\n", "unknown variant `weekly`"),
+            ("schedules:\n  s:\n    daily: [1]\n    timezone: Mars/Olympus\n", "unknown timezone \"Mars/Olympus\""),
         ] {
             let error = format!("{:#}", Schedules::parse(text).unwrap_err());
             assert!(error.contains(expected), "{expected:?} not in {error:?}");

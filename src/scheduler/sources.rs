@@ -115,10 +115,10 @@ impl Sources {
         let take = schedule.take(counters, *started, site, now);
         let counters = counters.clone();
         if counters.sending_days + counters.held_days != before {
-            tracing::info!(source = %source.name, site, day = schedule.day(&counters, *started, (now / 86_400) as i64), "warmup day began");
+            tracing::info!(source = %source.name, site, day = schedule.day(&counters, *started, schedule.clock(now).today), "warmup day began");
         }
         save(gateway, &source.name, site, &counters);
-        let standing = schedule.standing(&counters, *started, site, (now / 86_400) as i64);
+        let standing = schedule.standing(&counters, *started, site, schedule.clock(now).today);
         let label = policy.shaping.metric_site(site);
         let labels = [source.name.as_str(), label];
         gateway.metrics.warmup_day.with_label_values(&labels).set(i64::from(standing.day));
@@ -165,7 +165,7 @@ impl Sources {
         };
         let mut state = self.state.lock().expect("sources lock");
         let counters = counters(&mut state, gateway, source, site);
-        let today = (unix_now() / 86_400) as i64;
+        let today = schedule.clock(unix_now()).today;
         if let Some(true) = schedule.roll(counters, today) {
             let label = policy.shaping.metric_site(site);
             gateway.metrics.warmup_holds.with_label_values(&[source, label]).inc();
@@ -185,7 +185,6 @@ impl Sources {
     /// (source, day, cap, sent today).
     pub fn standings(&self, gateway: &Gateway, policy: &Policy, site: &str) -> Vec<(String, u32, Option<u64>, u64)> {
         let now = unix_now();
-        let today = (now / 86_400) as i64;
         let mut state = self.state.lock().expect("sources lock");
         let mut list = Vec::new();
         for source in policy.pools.sources() {
@@ -195,6 +194,7 @@ impl Sources {
             let Some(schedule) = policy.warmup.get(name) else {
                 continue;
             };
+            let today = schedule.clock(now).today;
             let mut counters = counters(&mut state, gateway, &source.name, site).clone();
             schedule.roll(&mut counters, today);
             let standing = schedule.standing(&counters, *started, site, today);
@@ -212,7 +212,7 @@ fn is_warm(state: &mut State, gateway: &Gateway, policy: &Policy, source: &Sourc
     let Some(schedule) = policy.warmup.get(name) else {
         return true;
     };
-    let today = (now / 86_400) as i64;
+    let today = schedule.clock(now).today;
     let mut counters = counters(state, gateway, &source.name, site).clone();
     schedule.roll(&mut counters, today);
     schedule.standing(&counters, *started, site, today).cap.is_none()
