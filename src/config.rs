@@ -315,6 +315,11 @@ impl Config {
         if !smtp.implicit_tls_listen.is_empty() && smtp.tls.is_none() {
             bail!("smtp.implicit_tls_listen needs a certificate; set smtp.tls.certificate and smtp.tls.key");
         }
+        if smtp.max_message_size == 0 {
+            // Postfix reads 0 as "no limit"; here it would reject every
+            // message, so it is refused rather than guessed at.
+            bail!("smtp.max_message_size is 0, which would reject every message; give a size in bytes such as 26214400 (25 MiB)");
+        }
         if smtp.max_connections_per_ip == 0 {
             bail!("smtp.max_connections_per_ip must be at least 1");
         }
@@ -407,6 +412,12 @@ keys: ./keys
         assert_eq!(config.dns.nameservers[0].port(), 5353);
         assert_eq!(config.delivery.retry[4], Duration::from_secs(3600));
         assert_eq!(config.delivery.max_age, Duration::from_secs(3 * 86400));
+    }
+
+    #[test]
+    fn zero_message_size_rejected() {
+        let message = format!("{:#}", Config::parse("smtp:\n  max_message_size: 0\n").unwrap_err());
+        assert!(message.contains("smtp.max_message_size is 0"), "{message}");
     }
 
     #[test]

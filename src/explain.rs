@@ -31,7 +31,7 @@ pub fn explain_running(gateway: &Arc<Gateway>, id: &QueueId) -> anyhow::Result<O
                 let view = gateway.scheduler.throttles.view(&site, None, &policy.shaping);
                 let open = gateway.scheduler.site_connections(&site);
                 let _ = writeln!(text, "    {}", describe(&site, &view, open));
-                for (source, day, cap, sent) in gateway.scheduler.sources.standings(gateway, &policy, &site) {
+                for (source, day, cap, sent) in gateway.scheduler.sources.standings(gateway, &policy, pool, &site) {
                     let standing = match cap {
                         Some(cap) => format!("day {day}, {sent} of {cap} sent today"),
                         None => format!("warm after {} days", day - 1),

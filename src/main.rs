@@ -153,7 +153,11 @@ fn main() -> ExitCode {
             .and_then(|runtime| runtime.block_on(async { queue_cmd::list(&config, limit) })),
         Command::Queue {
             command: QueueCommand::Explain { queue_id },
-        } => queue_cmd::explain(&config, &queue_id),
+        } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|runtime| runtime.block_on(async { queue_cmd::explain(&config, &queue_id) })),
         Command::Policy {
             command: PolicyCommand::Check,
         } => policy::check(&config.policies, &config.keys),

@@ -254,3 +254,45 @@ async fn connection_cap_holds_per_source() {
     assert_eq!(counts.get("127.0.0.11"), Some(&6), "{counts:?}");
     assert_eq!(counts.get("127.0.0.12"), Some(&6), "{counts:?}");
 }
+
+#[tokio::test]
+async fn mail_queued_before_pools_uses_fallback_pool() {
+    let dns = TestDns::start(ZONE).await;
+    let port = free_port_on(&[loopback(2)]);
+    // The first attempt is deferred, so the message is still queued when
+    // pools.yaml appears.
+    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = attempts.clone();
+    let script = Script::new().rcpt(move |_| {
+        let first = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+        first.then(|| "451 4.3.0 try again".to_string())
+    });
+    let receiver = Receiver::start(loopback(2), port, script).await.unwrap();
+    let folder = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(folder.path().join("policies")).unwrap();
+    let mut options = Options::new(dns.addr, port);
+    options.retry = "[2s]";
+    options.folder = Some(folder);
+    let mut gateway = Gateway::start(options).await;
+
+    send_many(&gateway, "app@src.example", "", 1).await;
+    let deferred = gateway.wait_for_event("deferred", "user@dest.example", WAIT).await;
+    let id = deferred["queue_id"].as_str().unwrap().to_string();
+    gateway.terminate();
+
+    // Offline, queue explain reads the spool.
+    let output = gateway.command(&["queue", "explain", &id]);
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(output.status.success(), "{text}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(text.contains(&id), "{text}");
+
+    // The message was stored in pool `default`, which pools.yaml does not
+    // define: it leaves from the fallback pool.
+    let pools = "pools:\n  main:\n    sources:\n      - { name: m1, ip: 127.0.0.11, ehlo: m1.mta.test }\nrouting:\n  - { pool: main }\n";
+    std::fs::write(gateway.config_path().parent().unwrap().join("policies/pools.yaml"), pools).unwrap();
+    gateway.launch().await;
+    let messages = receiver.wait_for_messages(1, WAIT).await;
+    assert_eq!(messages[0].peer.ip(), loopback(11), "{}", gateway.log());
+    assert_eq!(messages[0].helo, "m1.mta.test");
+    assert!(gateway.log().contains("sending it from the fallback pool"), "{}", gateway.log());
+}

@@ -32,11 +32,9 @@ use crate::spool::{QueueId, RecipientRecord};
 /// `site` before starting it.
 pub async fn run_connection(gateway: Arc<Gateway>, lane: Lane, site: String) {
     let policy = gateway.policy.current();
-    let source = policy
-        .pools
-        .get(&lane.pool)
-        .and_then(|pool| pool.sources.iter().find(|source| source.name == lane.source))
-        .cloned();
+    // Source names are unique across pools, and a message whose pool is
+    // gone was given a source of the fallback pool.
+    let source = policy.pools.sources().find(|source| source.name == lane.source).cloned();
     let mut worker = Worker {
         gateway: gateway.clone(),
         domain: lane.domain.clone(),

@@ -140,7 +140,7 @@ impl Scheduler {
             self.wait(job, until);
             return None;
         }
-        match self.sources.choose(gateway, &policy, &job.pool, site) {
+        match self.sources.choose(gateway, &policy, &job.id, &job.pool, site) {
             sources::Choice::Source(source) => {
                 let lane = Lane {
                     domain: job.domain,

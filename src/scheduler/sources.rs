@@ -13,6 +13,7 @@ use crate::gateway::Gateway;
 use crate::policy::Policy;
 use crate::policy::pools::Source;
 use crate::policy::warmup::{Counters, Take};
+use crate::spool::QueueId;
 use crate::spool::record::unix_now;
 
 /// How long a source whose address cannot be bound is left out.
@@ -45,11 +46,17 @@ pub struct Sources {
 impl Sources {
     /// Picks the source for one message of `pool` to `site` and counts it
     /// against that source's warmup cap.
-    pub fn choose(&self, gateway: &Gateway, policy: &Policy, pool: &str, site: &str) -> Choice {
+    /// A message of a pool that `pools.yaml` no longer defines (such as
+    /// `default`, after the file was added) uses the fallback pool.
+    pub fn choose(&self, gateway: &Gateway, policy: &Policy, id: &QueueId, pool: &str, site: &str) -> Choice {
         let now = unix_now();
-        let Some(pool) = policy.pools.get(pool) else {
-            tracing::error!(pool, "queued message names a pool that policies/pools.yaml no longer defines; retrying in 5 minutes");
-            return Choice::Wait(now + 300);
+        let pool = match policy.pools.get(pool) {
+            Some(found) => found,
+            None => {
+                let fallback = &policy.pools.fallback;
+                tracing::warn!(queue_id = %id, pool, fallback = %fallback, "queued message names a pool that policies/pools.yaml does not define; sending it from the fallback pool");
+                policy.pools.get(fallback).expect("the fallback pool exists")
+            }
         };
         let mut state = self.state.lock().expect("sources lock");
         state.paused.retain(|_, until| *until > now);
@@ -183,11 +190,12 @@ impl Sources {
 
     /// Returns each warming source's standing at `site`, for operators:
     /// (source, day, cap, sent today).
-    pub fn standings(&self, gateway: &Gateway, policy: &Policy, site: &str) -> Vec<(String, u32, Option<u64>, u64)> {
+    pub fn standings(&self, gateway: &Gateway, policy: &Policy, pool: &str, site: &str) -> Vec<(String, u32, Option<u64>, u64)> {
         let now = unix_now();
         let mut state = self.state.lock().expect("sources lock");
         let mut list = Vec::new();
-        for source in policy.pools.sources() {
+        let sources = policy.pools.get(pool).or_else(|| policy.pools.get("")).map(|pool| pool.sources.as_slice()).unwrap_or_default();
+        for source in sources {
             let Some((name, started)) = &source.warmup else {
                 continue;
             };
