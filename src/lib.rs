@@ -22,5 +22,6 @@ pub mod scheduler;
 pub mod serve;
 pub mod spool;
 pub mod tls;
+pub mod watch;
 pub mod users;
 pub mod webhooks;

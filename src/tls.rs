@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use anyhow::Context;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -108,57 +107,22 @@ impl ReloadingCertificate {
             .iter()
             .filter_map(|path| path.file_name().map(|name| name.to_os_string()))
             .collect();
-        let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel::<()>();
-        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            let Ok(event) = event else { return };
-            let ours = event
+        let mut folders: Vec<PathBuf> = [&self.certificate, &self.key]
+            .iter()
+            .map(|path| match path.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+                _ => PathBuf::from("."),
+            })
+            .collect();
+        folders.dedup();
+        let folders = folders.into_iter().map(|folder| (folder, notify::RecursiveMode::NonRecursive)).collect();
+        let relevant = move |event: &notify::Event| {
+            event
                 .paths
                 .iter()
-                .any(|path| path.file_name().is_some_and(|name| names.iter().any(|n| n == name)));
-            if ours && !event.kind.is_access() {
-                let _ = sender.send(());
-            }
-        });
-        let _watcher = match watcher {
-            Ok(mut watcher) => {
-                use notify::Watcher;
-                let mut folders: Vec<PathBuf> = [&self.certificate, &self.key]
-                    .iter()
-                    .map(|path| match path.parent() {
-                        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
-                        _ => PathBuf::from("."),
-                    })
-                    .collect();
-                folders.dedup();
-                for folder in &folders {
-                    if let Err(error) = watcher.watch(folder, notify::RecursiveMode::NonRecursive) {
-                        tracing::warn!(folder = %folder.display(), %error, "cannot watch the certificate folder; reload with SIGHUP after renewing");
-                    }
-                }
-                Some(watcher)
-            }
-            Err(error) => {
-                tracing::warn!(%error, "file watching unavailable; reload the certificate with SIGHUP after renewing");
-                None
-            }
+                .any(|path| path.file_name().is_some_and(|name| names.iter().any(|n| n == name)))
         };
-        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(signal) => Some(signal),
-            Err(error) => {
-                tracing::warn!(%error, "cannot handle SIGHUP; the certificate reloads only on file changes");
-                None
-            }
-        };
-        loop {
-            tokio::select! {
-                Some(()) = receiver.recv() => {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    while receiver.try_recv().is_ok() {}
-                }
-                Some(()) = async { match hangup.as_mut() { Some(signal) => signal.recv().await, None => std::future::pending().await } } => {}
-            }
-            self.reload();
-        }
+        crate::watch::reload_on_change("certificate", folders, relevant, || self.reload()).await;
     }
 }
 

@@ -12,7 +12,6 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use crate::pipeline::dkim::DkimPolicy;
 
@@ -125,49 +124,15 @@ impl PolicyStore {
     }
 
     /// Reloads on SIGHUP and when a file in the policy or key folders
-    /// changes. Changes are gathered for half a second so an editor's
-    /// several writes cause one reload.
+    /// changes.
     pub async fn watch(self: Arc<Self>) {
-        let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel::<()>();
-        let watcher_sender = sender.clone();
-        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok_and(|e| !e.kind.is_access()) {
-                let _ = watcher_sender.send(());
-            }
-        });
-        let _watcher = match watcher {
-            Ok(mut watcher) => {
-                use notify::Watcher;
-                for folder in [&self.policies, &self.keys] {
-                    if let Err(error) = watcher.watch(folder, notify::RecursiveMode::Recursive) {
-                        tracing::warn!(folder = %folder.display(), %error, "cannot watch folder; reload with SIGHUP after changes");
-                    }
-                }
-                Some(watcher)
-            }
-            Err(error) => {
-                tracing::warn!(%error, "file watching unavailable; reload with SIGHUP after changes");
-                None
-            }
-        };
-        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(signal) => Some(signal),
-            Err(error) => {
-                tracing::warn!(%error, "cannot handle SIGHUP");
-                None
-            }
-        };
-        loop {
-            tokio::select! {
-                Some(()) = receiver.recv() => {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    while receiver.try_recv().is_ok() {}
-                }
-                Some(()) = async { match hangup.as_mut() { Some(signal) => signal.recv().await, None => std::future::pending().await } } => {
-                    tracing::info!("SIGHUP received");
-                }
-            }
+        let folders = vec![
+            (self.policies.clone(), notify::RecursiveMode::Recursive),
+            (self.keys.clone(), notify::RecursiveMode::Recursive),
+        ];
+        crate::watch::reload_on_change("policies", folders, |_| true, || {
             self.reload();
-        }
+        })
+        .await;
     }
 }
