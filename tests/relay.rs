@@ -549,3 +549,37 @@ async fn unknown_config_key_named() {
     assert!(stderr.contains("relay_netwrks"), "{stderr}");
     assert!(stderr.contains("bad.yaml"), "{stderr}");
 }
+
+#[tokio::test]
+async fn idn_addresses_sent_as_given() {
+    // The zone holds A-labels, as DNS does: bücher and müller.
+    let zone = "xn--bcher-kva.example. MX 10 mx.xn--bcher-kva.example.\nmx.xn--bcher-kva.example. A 127.0.0.9\nxn--mller-kva.example. MX 10 mx.xn--mller-kva.example.\nmx.xn--mller-kva.example. A 127.0.0.10\n";
+    let dns = TestDns::start(zone).await;
+    let port = free_port_on(&[loopback(9), loopback(10)]);
+    let modern = Receiver::start(loopback(9), port, Script::new()).await.unwrap();
+    // A server without SMTPUTF8.
+    let old = Receiver::start(loopback(10), port, Script::new().ehlo_reply("250-mx.old hello\n250 8BITMIME")).await.unwrap();
+    let gateway = Gateway::start(Options::new(dns.addr, port)).await;
+
+    let (mut client, _) = Client::connect(gateway.smtp).await;
+    client.command("EHLO client.example").await;
+    assert!(client.command("MAIL FROM:<app@src.example> SMTPUTF8").await.starts_with("250"));
+    assert!(client.command("RCPT TO:<J\u{f6}rg@B\u{fc}cher.example>").await.starts_with("250"));
+    assert!(client.command("RCPT TO:<user@m\u{fc}ller.example>").await.starts_with("250"));
+    assert!(client.command("DATA").await.starts_with("354"));
+    let reply = client.command("From: <app@src.example>\r\nSubject: idn\r\n\r\nbody\r\n.").await;
+    assert!(reply.starts_with("250"), "{reply}");
+
+    // Exactly as given where the server takes SMTPUTF8.
+    let messages = modern.wait_for_messages(1, WAIT).await;
+    assert_eq!(messages[0].rcpt_to, vec!["J\u{f6}rg@B\u{fc}cher.example".to_string()]);
+    // A-labels for a server without it; the local part is ASCII.
+    let messages = old.wait_for_messages(1, WAIT).await;
+    assert_eq!(messages[0].rcpt_to, vec!["user@xn--mller-kva.example".to_string()]);
+
+    // Without SMTPUTF8 a non-ASCII domain is rejected, never rewritten.
+    client.command("RSET").await;
+    assert!(client.command("MAIL FROM:<app@src.example>").await.starts_with("250"));
+    let reply = client.command("RCPT TO:<user@m\u{fc}ller.example>").await;
+    assert!(reply.starts_with("553 5.6.7"), "{reply}");
+}

@@ -282,15 +282,6 @@ impl Worker {
         site: &str,
         view: &SiteView,
     ) -> (Vec<(Reply, bool)>, AttemptInfo) {
-        let sender = smtp_path(&envelope.sender);
-        let paths: Vec<String> = due.iter().map(|(_, r)| smtp_path(&r.address)).collect();
-        let recipients: Vec<&str> = paths.iter().map(String::as_str).collect();
-        let request = Envelope {
-            sender: &sender,
-            recipients: &recipients,
-            eight_bit: envelope.eight_bit,
-            smtputf8: envelope.smtputf8,
-        };
         let every = |reply: Reply, remote: bool| due.iter().map(|_| (reply.clone(), remote)).collect::<Vec<_>>();
 
         let mut tls_mode = if view.limits.require_tls { TlsMode::Required } else { TlsMode::Opportunistic };
@@ -340,6 +331,18 @@ impl Worker {
                 mx: Some(client.mx.clone()),
                 mx_ip: Some(client.address.ip().to_string()),
                 ..AttemptInfo::default()
+            };
+            // Addresses go out as the client gave them; only for a server
+            // without SMTPUTF8 is an IDN domain written in A-labels.
+            let utf8 = client.extensions.smtputf8;
+            let sender = smtp_path(&wire_address(&envelope.sender, utf8));
+            let paths: Vec<String> = due.iter().map(|(_, r)| smtp_path(&wire_address(&r.address, utf8))).collect();
+            let recipients: Vec<&str> = paths.iter().map(String::as_str).collect();
+            let request = Envelope {
+                sender: &sender,
+                recipients: &recipients,
+                eight_bit: envelope.eight_bit,
+                smtputf8: envelope.smtputf8,
             };
             if let Some(reply) = check_server_limits(client, &request, data) {
                 return (every(reply, false), info);
@@ -537,6 +540,23 @@ impl Worker {
                 .dec();
             client.quit().await;
         }
+    }
+}
+
+/// Returns `address` as it goes to a server: unchanged, except that for a
+/// server without SMTPUTF8 a non-ASCII domain is converted to A-labels
+/// (the same name, RFC 5890). A non-ASCII local part stays, and
+/// [`check_server_limits`] then fails the recipient.
+fn wire_address(address: &str, server_utf8: bool) -> std::borrow::Cow<'_, str> {
+    if server_utf8 || address.is_ascii() {
+        return std::borrow::Cow::Borrowed(address);
+    }
+    match address.rsplit_once('@') {
+        Some((local, domain)) if !domain.is_ascii() => match idna::domain_to_ascii(domain) {
+            Ok(ascii) => std::borrow::Cow::Owned(format!("{local}@{ascii}")),
+            Err(_) => std::borrow::Cow::Borrowed(address),
+        },
+        _ => std::borrow::Cow::Borrowed(address),
     }
 }
 

@@ -12,8 +12,10 @@ pub struct Recipient {
     pub domain: String,
 }
 
-/// Splits an address at its last `@` and returns the domain converted to
-/// lower-cased A-labels (RFC 5890), or the reply that rejects it.
+/// Splits an address at its last `@` and returns the address exactly as
+/// given with its domain in lower-cased A-labels (RFC 5890) for routing,
+/// or the reply that rejects it. A non-ASCII local part or domain needs
+/// SMTPUTF8 (RFC 6531).
 pub fn parse_address(address: &str, smtputf8: bool) -> Result<Recipient, Reply> {
     let Some((local, domain)) = address.rsplit_once('@') else {
         return Err(Reply::new(
@@ -43,6 +45,13 @@ pub fn parse_address(address: &str, smtputf8: bool) -> Result<Recipient, Reply> 
             format!("Address <{address}> has a non-ASCII local part; add SMTPUTF8 to MAIL FROM"),
         ));
     }
+    if !domain.is_ascii() && !smtputf8 {
+        return Err(Reply::new(
+            553,
+            "5.6.7",
+            format!("Address <{address}> has a non-ASCII domain; add SMTPUTF8 to MAIL FROM, or write the domain in A-labels (xn--)"),
+        ));
+    }
     let ascii_domain = match idna::domain_to_ascii(domain) {
         Ok(ascii) if is_valid_hostname(&ascii) => ascii,
         _ => {
@@ -54,8 +63,8 @@ pub fn parse_address(address: &str, smtputf8: bool) -> Result<Recipient, Reply> 
         }
     };
     Ok(Recipient {
-        address: format!("{local}@{ascii_domain}"),
-        domain: ascii_domain,
+        address: address.to_string(),
+        domain: ascii_domain.to_ascii_lowercase(),
     })
 }
 
@@ -83,13 +92,15 @@ mod tests {
     fn domain_lowercased() {
         let recipient = parse_address("User@Example.COM", false).unwrap();
         assert_eq!(recipient.domain, "example.com");
-        assert_eq!(recipient.address, "User@example.com");
+        assert_eq!(recipient.address, "User@Example.COM");
     }
 
     #[test]
-    fn idn_domain_becomes_a_label() {
-        let recipient = parse_address("user@bücher.example", false).unwrap();
+    fn idn_domain_kept_and_routed_by_a_label() {
+        let recipient = parse_address("user@Bücher.example", true).unwrap();
+        assert_eq!(recipient.address, "user@Bücher.example");
         assert_eq!(recipient.domain, "xn--bcher-kva.example");
+        assert_eq!(parse_address("user@bücher.example", false).unwrap_err().code, 553);
     }
 
     #[test]
