@@ -552,7 +552,7 @@ async fn unknown_config_key_named() {
 
 #[tokio::test]
 async fn idn_addresses_sent_as_given() {
-    // The zone holds A-labels, as DNS does: bücher and müller.
+    // The zone has A-labels, as DNS does: bücher and müller.
     let zone = "xn--bcher-kva.example. MX 10 mx.xn--bcher-kva.example.\nmx.xn--bcher-kva.example. A 127.0.0.9\nxn--mller-kva.example. MX 10 mx.xn--mller-kva.example.\nmx.xn--mller-kva.example. A 127.0.0.10\n";
     let dns = TestDns::start(zone).await;
     let port = free_port_on(&[loopback(9), loopback(10)]);

@@ -111,7 +111,7 @@ struct Worker {
     sts: Option<Option<Arc<mta_sts::Policy>>>,
 }
 
-/// How a connection uses TLS.
+/// TLS requirement of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TlsMode {
     /// STARTTLS when offered, any certificate, clear text when it fails.
