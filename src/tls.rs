@@ -134,10 +134,16 @@ impl ReloadingCertificate {
 /// verified here; domains with an enforced MTA-STS policy get
 /// [`verified_client_config`] instead. NOTE: DANE is not implemented.
 pub fn opportunistic_connector() -> tokio_rustls::TlsConnector {
+    opportunistic_connector_with_versions(rustls::DEFAULT_VERSIONS)
+}
+
+/// Builds an opportunistic connector that offers only `versions`; tests
+/// use it to check which versions a listener accepts.
+pub fn opportunistic_connector_with_versions(versions: &[&'static rustls::SupportedProtocolVersion]) -> tokio_rustls::TlsConnector {
     let provider = provider();
     let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .expect("aws-lc-rs supports the default protocol versions")
+        .with_protocol_versions(versions)
+        .expect("aws-lc-rs supports TLS 1.2 and 1.3")
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
         .with_no_client_auth();
