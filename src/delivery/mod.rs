@@ -37,7 +37,6 @@ pub async fn run_connection(gateway: Arc<Gateway>, lane: Lane, site: String) {
     let source = policy.pools.sources().find(|source| source.name == lane.source).cloned();
     let mut worker = Worker {
         gateway: gateway.clone(),
-        domain: lane.domain.clone(),
         lane: lane.clone(),
         bind: source.as_ref().and_then(|source| source.ip),
         ehlo: source
@@ -50,6 +49,7 @@ pub async fn run_connection(gateway: Arc<Gateway>, lane: Lane, site: String) {
         connection_permitted: false,
         sts: None,
     };
+
     // Wait for the site's connection rate before taking a job, so a job
     // never waits here while an open connection could send it.
     let view = gateway.scheduler.throttles.view(&site, Some(&lane.source), &policy.shaping);
@@ -58,6 +58,7 @@ pub async fn run_connection(gateway: Arc<Gateway>, lane: Lane, site: String) {
     }
     worker.connection_permitted = true;
     drop(policy);
+
     while let Some(id) = gateway.scheduler.next_job(&lane) {
         match worker.deliver(&id).await {
             Ok(Flow::Continue) => {}
@@ -76,6 +77,7 @@ pub async fn run_connection(gateway: Arc<Gateway>, lane: Lane, site: String) {
             }
         }
     }
+
     worker.close().await;
     gateway.scheduler.connection_closed(&gateway, &lane, &site);
 }
@@ -92,7 +94,6 @@ enum Flow {
 
 struct Worker {
     gateway: Arc<Gateway>,
-    domain: String,
     lane: Lane,
     /// Address to bind outbound connections to; `None` lets the system choose.
     bind: Option<std::net::IpAddr>,
@@ -133,7 +134,7 @@ impl Worker {
         let due: Vec<(u32, RecipientRecord)> = message
             .recipients
             .into_iter()
-            .filter(|(_, r)| r.domain == self.domain && r.state.is_pending() && r.next_attempt <= now)
+            .filter(|(_, r)| r.domain == self.lane.domain && r.state.is_pending() && r.next_attempt <= now)
             .collect();
         if due.is_empty() {
             return Ok(Flow::Continue);
@@ -153,7 +154,7 @@ impl Worker {
         if let Some(until) = current.suspended_until {
             self.gateway
                 .scheduler
-                .schedule(&self.gateway, id.clone(), self.domain.clone(), self.lane.pool.clone(), until);
+                .schedule(&self.gateway, id.clone(), self.lane.domain.clone(), self.lane.pool.clone(), until);
             return Ok(Flow::Continue);
         }
         let view = Some((site, current));
@@ -253,18 +254,18 @@ impl Worker {
             let config = &self.gateway.config.delivery;
             let route = config
                 .routes
-                .get(&self.domain)
+                .get(&self.lane.domain)
                 .and_then(|text| mx::parse_route(text).ok());
             let resolved = mx::resolve(
                 &self.gateway.resolver,
                 &self.gateway.metrics,
-                &self.domain,
+                &self.lane.domain,
                 config.remote_port,
                 route.as_ref(),
             )
             .await;
             if let Err(RouteError::Temporary(reply) | RouteError::Permanent(reply)) = &resolved {
-                tracing::info!(rcpt_domain = %self.domain, reply = %reply.one_line(), "no route");
+                tracing::info!(rcpt_domain = %self.lane.domain, reply = %reply.one_line(), "no route");
             }
             self.targets = Some(resolved);
         }
@@ -292,7 +293,7 @@ impl Worker {
                 mta_sts::Mode::Enforce if matching.is_empty() => {
                     let text = format!(
                         "no MX host of {} matches its MTA-STS policy (mx: {})",
-                        self.domain,
+                        self.lane.domain,
                         policy.mx.join(", ")
                     );
                     return (every(Reply::new(451, "4.7.5", text), false), AttemptInfo::default());
@@ -302,7 +303,7 @@ impl Worker {
                     tls_mode = TlsMode::Verified;
                 }
                 mta_sts::Mode::Testing if matching.len() < targets.len() => {
-                    tracing::info!(rcpt_domain = %self.domain, "MTA-STS policy in testing mode lists not every MX host; delivering as usual");
+                    tracing::info!(rcpt_domain = %self.lane.domain, "MTA-STS policy in testing mode lists not every MX host; delivering as usual");
                 }
                 _ => {}
             }
@@ -395,7 +396,7 @@ impl Worker {
             return None;
         }
         if self.sts.is_none() {
-            let policy = self.gateway.mta_sts.policy(&self.gateway.resolver, &self.domain).await;
+            let policy = self.gateway.mta_sts.policy(&self.gateway.resolver, &self.lane.domain).await;
             self.sts = Some(policy);
         }
         self.sts.clone().flatten()
@@ -440,7 +441,7 @@ impl Worker {
             .collect();
         if reachable.is_empty() {
             let family = if self.bind.is_some_and(|ip| ip.is_ipv4()) { "IPv4" } else { "IPv6" };
-            let text = format!("no MX address of {} is reachable from {family} source {}", self.domain, self.lane.source);
+            let text = format!("no MX address of {} is reachable from {family} source {}", self.lane.domain, self.lane.source);
             return Err((Failure::Network(text), AttemptInfo::default()));
         }
         for target in reachable {
@@ -478,7 +479,7 @@ impl Worker {
                 && !client.tls
             {
                 let reason = match tls_mode {
-                    TlsMode::Verified => format!("the MTA-STS policy of {}", self.domain),
+                    TlsMode::Verified => format!("the MTA-STS policy of {}", self.lane.domain),
                     _ => format!("site {} by policies/shaping.yaml", self.site),
                 };
                 let text = format!(
@@ -501,7 +502,7 @@ impl Worker {
                     return Ok(client);
                 }
                 Err(failure) => {
-                    tracing::info!(rcpt_domain = %self.domain, mx = %target.mx, ip = %target.address.ip(), reply = %failure.to_reply().one_line(), "MX unusable; trying the next");
+                    tracing::info!(rcpt_domain = %self.lane.domain, mx = %target.mx, ip = %target.address.ip(), reply = %failure.to_reply().one_line(), "MX unusable; trying the next");
                     last = Some((failure, info));
                 }
             }
