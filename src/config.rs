@@ -39,7 +39,7 @@ pub struct SmtpConfig {
     pub relay_networks: Vec<IpNet>,
     /// Largest accepted message, in bytes; advertised with SIZE.
     pub max_message_size: usize,
-    /// Most recipients per message; more get `452 4.5.3` (RFC 5321 4.5.3.1.10).
+    /// Maximum recipients per message; more get `452 4.5.3` (RFC 5321 4.5.3.1.10).
     pub max_recipients: usize,
     /// Most concurrent SMTP sessions; more are greeted with `421 4.3.2`.
     pub max_sessions: usize,
@@ -51,7 +51,7 @@ pub struct SmtpConfig {
     /// Wait for the next block of message data.
     #[serde(deserialize_with = "duration")]
     pub data_timeout: Duration,
-    /// Longest session from connect to close.
+    /// Maximum session time from connect to close.
     #[serde(deserialize_with = "duration")]
     pub session_timeout: Duration,
     /// Failed commands after which the session is closed.

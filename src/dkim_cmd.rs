@@ -89,7 +89,7 @@ fn zone_line(selector: &str, domain: &str, record: &str) -> String {
     format!("{selector}._domainkey.{domain}. IN TXT ( {} )", parts.join(" "))
 }
 
-/// What DNS publishes for one selector, compared with the private key.
+/// DNS record of one selector, compared with the private key.
 #[derive(Debug, PartialEq, Eq)]
 pub enum KeyStatus {
     Matching,

@@ -1,6 +1,6 @@
 //! `baton queue explain`: why a message is still queued, per recipient:
 //! its state and last reply, the receiving site and the limit or rule that
-//! holds it, and when it will next be tried.
+//! delays it, and when it will next be tried.
 
 use std::fmt::Write;
 use std::sync::Arc;

@@ -105,7 +105,7 @@ enum QueueCommand {
         limit: usize,
     },
     /// Explain why a message is waiting: its site, the limit or rule that
-    /// holds it, and its next attempt.
+    /// delays it, and its next attempt.
     Explain {
         /// Queue id, as `baton queue list` shows it.
         queue_id: String,

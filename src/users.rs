@@ -21,11 +21,11 @@ use rand::RngCore;
 
 use crate::config::Config;
 
-/// Longest user name in bytes. With [`MAX_PASSWORD_LENGTH`] it keeps an
+/// Maximum user name length in bytes. With [`MAX_PASSWORD_LENGTH`] it keeps an
 /// `AUTH PLAIN` command with its base64 initial response within 512 bytes,
 /// the smallest allowed `smtp.max_command_line`.
 pub const MAX_NAME_LENGTH: usize = 100;
-/// Longest password in bytes.
+/// Maximum password length in bytes.
 pub const MAX_PASSWORD_LENGTH: usize = 256;
 
 /// The users of one users file: names and their argon2 PHC strings.

@@ -9,10 +9,10 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher};
 
 /// Calls `reload` after each SIGHUP and after each burst of changes in
-/// `folders` for which `relevant` holds. `what` names the reloaded thing
-/// in log lines. Never returns.
+/// `folders` for which `relevant` returns true. `subject` names what is
+/// reloaded, in log lines. Never returns.
 pub async fn reload_on_change(
-    what: &'static str,
+    subject: &'static str,
     folders: Vec<(PathBuf, RecursiveMode)>,
     relevant: impl Fn(&notify::Event) -> bool + Send + 'static,
     mut reload: impl FnMut(),
@@ -31,20 +31,20 @@ pub async fn reload_on_change(
         Ok(mut watcher) => {
             for (folder, mode) in &folders {
                 if let Err(error) = watcher.watch(folder, *mode) {
-                    tracing::warn!(folder = %folder.display(), %error, "cannot watch folder; reload the {what} with SIGHUP after changes");
+                    tracing::warn!(folder = %folder.display(), %error, "cannot watch folder; reload the {subject} with SIGHUP after changes");
                 }
             }
             Some(watcher)
         }
         Err(error) => {
-            tracing::warn!(%error, "file watching unavailable; reload the {what} with SIGHUP after changes");
+            tracing::warn!(%error, "file watching unavailable; reload the {subject} with SIGHUP after changes");
             None
         }
     };
     let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(signal) => Some(signal),
         Err(error) => {
-            tracing::warn!(%error, "cannot handle SIGHUP; the {what} reload only on file changes");
+            tracing::warn!(%error, "cannot handle SIGHUP; the {subject} reload only on file changes");
             None
         }
     };
@@ -55,7 +55,7 @@ pub async fn reload_on_change(
                 while receiver.try_recv().is_ok() {}
             }
             Some(()) = async { match hangup.as_mut() { Some(signal) => signal.recv().await, None => std::future::pending().await } } => {
-                tracing::info!("SIGHUP received: reloading the {what}");
+                tracing::info!("SIGHUP received: reloading the {subject}");
             }
         }
         reload();

@@ -77,7 +77,7 @@ async fn metric_families_after_traffic() {
         ("baton_delivery_attempts_total{pool=\"default\",site=\"dest.example\",source=\"default\"}", 3.0),
         ("baton_dsn_queued_total", 1.0),
         // One lookup finds the site, one is made by the delivery connection
-        // (and answered from the resolver's cache).
+        // (and served from the resolver's cache).
         ("baton_dns_lookups_total{result=\"ok\",type=\"MX\"}", 2.0),
         ("baton_queue_jobs{site=\"dest.example\",state=\"waiting\"}", 1.0),
     ];

@@ -23,7 +23,7 @@ mx1.prov.example.    A 127.0.0.3
 mx2.prov.example.    A 127.0.0.3
 "#;
 
-/// Starts a gateway whose policies folder holds `shaping` as shaping.yaml.
+/// Starts a gateway with `shaping` as its policies/shaping.yaml.
 async fn start(dns: &TestDns, port: u16, shaping: &str) -> Gateway {
     let folder = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(folder.path().join("policies")).unwrap();

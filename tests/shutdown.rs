@@ -32,7 +32,7 @@ async fn sigterm_lets_delivery_finish() {
     assert!(reply.starts_with("250"), "{reply}");
     receiver.wait_for_messages(1, Duration::from_secs(10)).await;
 
-    // The receiver holds its reply for 2 s: the delivery is in flight.
+    // The receiver delays its reply by 2 s: the delivery is in flight.
     gateway.signal("-TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let refused = tokio::net::TcpStream::connect(gateway.smtp).await.is_err();

@@ -7,7 +7,7 @@
 //! can be tricked into seeing a second message inside the first (SMTP
 //! smuggling). The session then rejects the message and closes.
 
-/// Longest line of message content, excluding CRLF (RFC 5322 section 2.1.1).
+/// Maximum line length of message content, excluding CRLF (RFC 5322 section 2.1.1).
 pub const MAX_LINE_LENGTH: usize = 998;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,7 +116,7 @@ impl DataReader {
         self.total_size > self.max_size
     }
 
-    /// Longest content line seen, excluding CRLF.
+    /// Length of the longest content line seen, excluding CRLF.
     pub fn longest_line(&self) -> usize {
         self.longest_line
     }

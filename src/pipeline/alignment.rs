@@ -28,7 +28,7 @@ use crate::dns::Resolver;
 pub struct Finding {
     /// `from`, `dmarc`, `dkim` or `spf`.
     pub check: &'static str,
-    /// What is wrong and what to do, as one sentence for an SMTP reply.
+    /// Problem and fix, as one sentence for an SMTP reply.
     pub text: String,
 }
 
@@ -59,7 +59,7 @@ impl Report {
     }
 }
 
-/// What the check reads of one message.
+/// Parts of one message the check reads.
 pub struct CheckInput<'a> {
     /// The message as it will be sent, signatures included.
     pub message: &'a [u8],

@@ -1,7 +1,7 @@
 //! DKIM signing (RFC 6376) with the keys of the message's From domain.
 //!
-//! Keys live in `keys/<domain>/<selector>.pem`; `policies/senders.yaml`
-//! says which domains sign and with which selectors. A message is signed
+//! Keys live in `keys/<domain>/<selector>.pem`, and `policies/senders.yaml`
+//! lists which domains sign and with which selectors. A message is signed
 //! for its From domain, or for the organizational domain of From when only
 //! that one has keys (still aligned under relaxed DMARC). Signing happens
 //! once, before the message is spooled, over the exact bytes that are sent.

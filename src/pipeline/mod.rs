@@ -35,7 +35,7 @@ pub struct Pipeline {
     authenticator: MessageAuthenticator,
 }
 
-/// What the pipeline made of a message.
+/// Result of the pipeline for one message.
 pub struct Processed {
     /// The bytes to store and send.
     pub data: Vec<u8>,

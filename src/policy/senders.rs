@@ -38,7 +38,7 @@ pub struct SenderDefaults {
     pub oversign: Vec<String>,
     /// `header/body` canonicalization: `relaxed` or `simple` each.
     pub canonicalization: String,
-    /// What to do with mail whose From domain has no key.
+    /// Handling of mail whose From domain has no key.
     pub unsigned: Unsigned,
     /// SPF/DMARC alignment check for domains without their own setting.
     pub alignment: AlignmentMode,
@@ -46,7 +46,7 @@ pub struct SenderDefaults {
     pub require_one_click_unsubscribe: bool,
 }
 
-/// What the alignment check does with a message that would fail DMARC.
+/// Alignment check mode: the handling of a message that would fail DMARC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AlignmentMode {
@@ -71,7 +71,7 @@ impl AlignmentMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Unsigned {
-    /// Answer `550 5.7.1`, naming the domain.
+    /// Reject with `550 5.7.1`, naming the domain.
     Reject,
     /// Relay the message without a signature.
     Relay,

@@ -1,5 +1,5 @@
 //! `policies/warmup.yaml`: daily volume ramps for new source IPs, and the
-//! counting that holds a source to its ramp at each receiving site.
+//! counting that keeps a source to its ramp at each receiving site.
 //!
 //! A source's day at a site advances with each day it sent there
 //! (`sending_days`) or with the calendar from its start (`calendar_days`).

@@ -8,8 +8,9 @@
 //! Nothing polls: the timer task sleeps until the earliest job is due or a
 //! new job is scheduled, and connections are started when jobs become ready
 //! and stop when their lane's ready queue is empty. Connection caps per
-//! receiving site (from the shaping policy) and in total are enforced here;
-//! a suspended site's jobs wait in the timer heap until the suspension ends.
+//! source and site (from the shaping policy) and in total are enforced
+//! here. A suspended site's jobs wait in the timer heap until the
+//! suspension ends.
 
 pub mod sources;
 pub mod throttle;

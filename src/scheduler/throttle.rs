@@ -39,7 +39,7 @@ struct SiteState {
     mode: Mode,
 }
 
-/// What the scheduler and delivery need to know about a site now.
+/// Current state of a site, as the scheduler and delivery read it.
 #[derive(Clone)]
 pub struct SiteView {
     pub limits: SiteLimits,

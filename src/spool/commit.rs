@@ -2,7 +2,7 @@
 //!
 //! A writer applies its batch, then calls [`Committer::commit`] and waits.
 //! The committer task takes all waiting requests, runs one `sled` flush, and
-//! answers them all. A request that arrives while a flush runs waits for the
+//! wakes them all. A request that arrives while a flush runs waits for the
 //! next one, because its batch may have been applied after that flush began.
 
 use tokio::sync::{mpsc, oneshot};

@@ -31,7 +31,7 @@
 //! and intake replies `452`. Everything flushed before the failure is kept.
 //! Updates not yet flushed may be lost, so a message delivered in that
 //! window is delivered again. Messages whose store failed are removed after
-//! the reopen, because their clients were told to send them again.
+//! the reopen, because their clients got a 452 and will send them again.
 
 mod commit;
 pub mod record;
