@@ -69,10 +69,6 @@ async fn start_auth_gateway(dns: &TestDns, port: u16, auth_extra: &str) -> Gatew
     Gateway::start(options).await
 }
 
-fn received_count(gateway: &Gateway) -> usize {
-    gateway.events().iter().filter(|event| event["event"] == "received").count()
-}
-
 /// Recipients an open relay might let through: plain, postmaster, a source
 /// route and the percent hack.
 const RECIPIENTS: &[&str] = &[
@@ -136,7 +132,7 @@ async fn open_relay_refused_without_auth() {
     assert!(data.contains("with ESMTPSA"), "Received header does not record AUTH:\n{data}");
     assert!(!data.contains("alice"), "user name in the message:\n{data}");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(received_count(&gateway), 1, "events: {:#?}", gateway.events());
+    assert_eq!(gateway.received_count(1).await, 1, "events: {:#?}", gateway.events());
     let received = gateway.events().into_iter().find(|event| event["event"] == "received").unwrap();
     assert_eq!(received["auth_user"], "alice");
 }

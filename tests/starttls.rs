@@ -63,10 +63,6 @@ async fn command<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     read_reply(stream).await
 }
 
-fn received_count(gateway: &Gateway) -> usize {
-    gateway.events().iter().filter(|event| event["event"] == "received").count()
-}
-
 /// Connects in plaintext and sends EHLO; returns the stream ready for
 /// STARTTLS.
 async fn connect_plain(gateway: &Gateway) -> BufReader<TcpStream> {
@@ -132,7 +128,7 @@ async fn pipelined_command_after_starttls_discarded() {
     let messages = receiver.wait_for_messages(1, WAIT).await;
     assert_eq!(messages.len(), 1);
     assert_eq!(messages[0].mail_from, "sender@dest.example");
-    assert_eq!(received_count(&gateway), 1, "events: {:#?}", gateway.events());
+    assert_eq!(gateway.received_count(1).await, 1, "events: {:#?}", gateway.events());
     assert!(
         gateway.log().contains("client sent data after STARTTLS before the TLS handshake; discarded"),
         "the discarded bytes are not logged"
@@ -167,7 +163,7 @@ async fn plaintext_during_handshake_fails_it() {
     // The gateway still serves other clients.
     let plain = connect_plain(&gateway).await;
     drop(plain);
-    assert_eq!(received_count(&gateway), 0);
+    assert_eq!(gateway.received_count(0).await, 0);
 }
 
 #[tokio::test]

@@ -191,6 +191,22 @@ keys: {keys}
             .collect()
     }
 
+    /// Counts the `received` events once the delivery log has caught up.
+    ///
+    /// The gateway writes its log after the `250`, so a count read right
+    /// after the reply can miss the newest message. This waits until at
+    /// least `expected` events are there (at most 10 s), then a further
+    /// 200 ms for any extra event, and returns the count.
+    pub async fn received_count(&self, expected: usize) -> usize {
+        let count = || self.events().iter().filter(|event| event["event"] == "received").count();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while count() < expected && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        count()
+    }
+
     /// Waits until the delivery log has an event of `kind` for `recipient`.
     pub async fn wait_for_event(&self, kind: &str, recipient: &str, timeout: Duration) -> serde_json::Value {
         let deadline = Instant::now() + timeout;
