@@ -40,9 +40,14 @@ fn store(c: &mut Criterion) {
         let _guard = runtime.enter();
         Spool::open(folder.path(), 128 * 1024 * 1024).expect("open spool")
     };
-    let data = Arc::new(vec![b'x'; 4096]);
+    for (name, size) in [("spool_store_4k", 4096), ("spool_store_50k", 50 * 1024)] {
+        store_group(c, &runtime, &spool, name, size);
+    }
+}
 
-    let mut group = c.benchmark_group("spool_store_4k");
+fn store_group(c: &mut Criterion, runtime: &tokio::runtime::Runtime, spool: &Spool, name: &str, size: usize) {
+    let data = Arc::new(vec![b'x'; size]);
+    let mut group = c.benchmark_group(name);
     // Every iteration waits for at least one fsync, so keep the sample small.
     group.sample_size(20);
     group.measurement_time(Duration::from_secs(8));

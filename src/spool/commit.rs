@@ -5,7 +5,11 @@
 //! wakes them all. A request that arrives while a flush runs waits for the
 //! next one, because its batch may have been applied after that flush began.
 
+use std::sync::Arc;
+
 use tokio::sync::{mpsc, oneshot};
+
+use super::bodies::Bodies;
 
 type Waiter = oneshot::Sender<Result<(), String>>;
 
@@ -14,7 +18,7 @@ pub struct Committer {
 }
 
 impl Committer {
-    pub fn start(db: sled::Db) -> Committer {
+    pub fn start(db: sled::Db, bodies: Arc<Bodies>) -> Committer {
         let (requests, mut receiver) = mpsc::unbounded_channel::<Waiter>();
         tokio::spawn(async move {
             let mut waiters = Vec::new();
@@ -24,9 +28,9 @@ impl Committer {
                     waiters.push(next);
                 }
                 let flushing = db.clone();
-                let result = match tokio::task::spawn_blocking(move || flushing.flush()).await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(error)) => Err(error.to_string()),
+                let bodies = Arc::clone(&bodies);
+                let result = match tokio::task::spawn_blocking(move || flush(&flushing, &bodies)).await {
+                    Ok(result) => result,
                     Err(error) => Err(format!("flush task failed: {error}")),
                 };
                 if let Err(error) = &result {
@@ -52,4 +56,17 @@ impl Committer {
             Err(_) => Err(anyhow::anyhow!("spool committer has stopped")),
         }
     }
+}
+
+/// Syncs the bodies, then flushes the database, so that a reference on disk
+/// never points at bytes that are not; then deletes body files that were
+/// already unused when the sync began.
+fn flush(db: &sled::Db, bodies: &Bodies) -> Result<(), String> {
+    let unused = bodies.sync().map_err(|error| format!("{error:#}"))?;
+    if let Err(error) = db.flush() {
+        bodies.keep_unused(unused);
+        return Err(error.to_string());
+    }
+    bodies.delete_unused(unused);
+    Ok(())
 }

@@ -8,8 +8,10 @@
 //!
 //! # Format
 //! One sled tree, `queue`, with three kinds of keys (`<id>` is a [`QueueId`]):
-//! - `m/<id>`: the message bytes as they will be sent (Received header and
-//!   any signatures included), CRLF line ends, no dot-stuffing.
+//! - `m/<id>`: where the message bytes are, a [`bodies::BodyRef`]. The
+//!   bytes, as they will be sent (Received header and any signatures
+//!   included, CRLF line ends, no dot-stuffing), are in the body files
+//!   described in [`bodies`].
 //! - `e/<id>`: the envelope, an [`EnvelopeRecord`] as JSON.
 //! - `r/<id>/<nnnn>`: recipient number `nnnn` (decimal, zero-padded), a
 //!   [`RecipientRecord`] as JSON.
@@ -33,6 +35,7 @@
 //! window is delivered again. Messages whose store failed are removed after
 //! the reopen, because their clients got a 452 and will send them again.
 
+pub mod bodies;
 mod commit;
 pub mod record;
 mod recovery;
@@ -44,6 +47,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use anyhow::Context;
 
 use crate::policy::warmup::Counters;
+use bodies::{Bodies, BodyRef};
 
 pub use record::{EnvelopeRecord, QueueId, RcptState, RecipientRecord};
 
@@ -71,6 +75,7 @@ pub struct Spool {
 struct Shared {
     folder: PathBuf,
     cache_size: u64,
+    bodies: Arc<Bodies>,
     /// The open database; `None` while it is reopened after a write failure.
     current: RwLock<Option<Database>>,
     /// Set while a task reopens the database.
@@ -92,8 +97,23 @@ struct Database {
 
 impl Database {
     /// Opens the database in `folder`, creating it if needed.
-    fn open(folder: &Path, cache_size: u64, generation: u64) -> anyhow::Result<Database> {
-        let db = sled::Config::new()
+    fn open(folder: &Path, cache_size: u64, generation: u64, bodies: Arc<Bodies>) -> anyhow::Result<Database> {
+        Self::with_db(Self::open_db(folder, cache_size)?, generation, bodies)
+    }
+
+    fn with_db(db: sled::Db, generation: u64, bodies: Arc<Bodies>) -> anyhow::Result<Database> {
+        let tree = db.open_tree("queue")?;
+        let committer = Arc::new(commit::Committer::start(db.clone(), bodies));
+        Ok(Database {
+            db,
+            tree,
+            committer,
+            generation,
+        })
+    }
+
+    fn open_db(folder: &Path, cache_size: u64) -> anyhow::Result<sled::Db> {
+        sled::Config::new()
             .path(folder.join("queue"))
             .cache_capacity(cache_size)
             .mode(sled::Mode::HighThroughput)
@@ -103,16 +123,15 @@ impl Database {
                     "cannot open the queue database in {}; is another baton process using this spool?",
                     folder.display()
                 )
-            })?;
-        let tree = db.open_tree("queue")?;
-        let committer = Arc::new(commit::Committer::start(db.clone()));
-        Ok(Database {
-            db,
-            tree,
-            committer,
-            generation,
-        })
+            })
     }
+}
+
+/// Every body reference stored in `tree`.
+fn body_references(tree: &sled::Tree) -> impl Iterator<Item = BodyRef> + '_ {
+    tree.scan_prefix(b"m/")
+        .values()
+        .filter_map(|value| value.ok().and_then(|value| BodyRef::decode(&value)))
 }
 
 impl Spool {
@@ -120,11 +139,14 @@ impl Spool {
     pub fn open(folder: &Path, cache_size: u64) -> anyhow::Result<Spool> {
         std::fs::create_dir_all(folder)
             .with_context(|| format!("cannot create spool folder {}", folder.display()))?;
-        let database = Database::open(folder, cache_size, 0)?;
+        let db = Database::open_db(folder, cache_size)?;
+        let bodies = Arc::new(Bodies::open(folder, body_references(&db.open_tree("queue")?))?);
+        let database = Database::with_db(db, 0, Arc::clone(&bodies))?;
         Ok(Spool {
             shared: Arc::new(Shared {
                 folder: folder.to_path_buf(),
                 cache_size,
+                bodies,
                 current: RwLock::new(Some(database)),
                 recovering: AtomicBool::new(false),
                 abandoned: Mutex::new(Vec::new()),
@@ -151,11 +173,23 @@ impl Spool {
 
     /// Stores a new message and returns once it is durable on disk.
     pub async fn store(&self, message: &NewMessage) -> anyhow::Result<()> {
-        let batch = Self::insert_batch(message)?;
         let database = self.database()?;
+        let (batch, body) = match self.insert_batch(message) {
+            Ok(stored) => stored,
+            Err(error) => {
+                // Nothing reached the database, but the disk is likely full:
+                // take the same path as a failed database write, so intake
+                // says 452 until the reopen shows space again.
+                self.write_failed(&database);
+                return Err(error);
+            }
+        };
         let result = match database.tree.apply_batch(batch) {
             Ok(()) => database.committer.commit().await,
-            Err(error) => Err(error.into()),
+            Err(error) => {
+                self.shared.bodies.release(body);
+                Err(error.into())
+            }
         };
         if result.is_err() {
             self.shared
@@ -168,10 +202,12 @@ impl Spool {
         result
     }
 
-    fn insert_batch(message: &NewMessage) -> anyhow::Result<sled::Batch> {
+    /// Appends the message body and returns the batch that stores the rest.
+    fn insert_batch(&self, message: &NewMessage) -> anyhow::Result<(sled::Batch, BodyRef)> {
         let id = &message.id;
+        let body = self.shared.bodies.append(&message.data)?;
         let mut batch = sled::Batch::default();
-        batch.insert(message_key(id), message.data.as_slice());
+        batch.insert(message_key(id), &body.encode()[..]);
         batch.insert(envelope_key(id), serde_json::to_vec(&message.envelope)?);
         for (index, recipient) in message.recipients.iter().enumerate() {
             batch.insert(
@@ -179,7 +215,7 @@ impl Spool {
                 serde_json::to_vec(recipient)?,
             );
         }
-        Ok(batch)
+        Ok((batch, body))
     }
 
     /// Records new recipient states, and stores `also_store` (a DSN) in the
@@ -191,14 +227,21 @@ impl Spool {
         updates: &[(u32, RecipientRecord)],
         also_store: Option<&NewMessage>,
     ) -> anyhow::Result<()> {
-        let mut batch = match also_store {
-            Some(message) => Self::insert_batch(message)?,
-            None => sled::Batch::default(),
+        let (mut batch, body) = match also_store {
+            Some(message) => {
+                let (batch, body) = self.insert_batch(message)?;
+                (batch, Some(body))
+            }
+            None => (sled::Batch::default(), None),
         };
         for (index, recipient) in updates {
             batch.insert(recipient_key(id, *index), serde_json::to_vec(recipient)?);
         }
-        self.apply(batch)
+        let result = self.apply(batch);
+        if let (Err(_), Some(body)) = (&result, body) {
+            self.shared.bodies.release(body);
+        }
+        result
     }
 
     /// Applies `batch`; a failure starts reopening the database.
@@ -221,8 +264,16 @@ impl Spool {
         result
     }
 
-    pub fn message_data(&self, id: &QueueId) -> anyhow::Result<Option<sled::IVec>> {
-        Ok(self.tree()?.get(message_key(id))?)
+    /// Returns the message bytes, or `None` when the message is gone.
+    pub fn message_data(&self, id: &QueueId) -> anyhow::Result<Option<Vec<u8>>> {
+        let Some(value) = self.tree()?.get(message_key(id))? else {
+            return Ok(None);
+        };
+        match BodyRef::decode(&value) {
+            Some(body) => Ok(Some(self.shared.bodies.read(body).with_context(|| format!("message {id}"))?)),
+            // Spools written before the body files kept the bytes inline.
+            None => Ok(Some(value.to_vec())),
+        }
     }
 
     pub fn envelope(&self, id: &QueueId) -> anyhow::Result<Option<EnvelopeRecord>> {
@@ -263,6 +314,8 @@ impl Spool {
         if recipients.iter().any(|(_, r)| r.state.is_pending()) {
             return Ok(false);
         }
+        let tree = self.tree()?;
+        let body = tree.get(message_key(id))?.and_then(|value| BodyRef::decode(&value));
         let mut batch = sled::Batch::default();
         batch.remove(message_key(id));
         batch.remove(envelope_key(id));
@@ -270,6 +323,9 @@ impl Spool {
             batch.remove(recipient_key(id, index));
         }
         self.apply(batch)?;
+        if let Some(body) = body {
+            self.shared.bodies.release(body);
+        }
         Ok(true)
     }
 
@@ -297,9 +353,11 @@ impl Spool {
         }))
     }
 
-    /// Returns the bytes the spool takes on disk; 0 while it is reopened.
+    /// Returns the bytes the spool takes on disk, counting the database
+    /// only while it is open.
     pub fn size_on_disk(&self) -> u64 {
-        self.database().ok().and_then(|database| database.db.size_on_disk().ok()).unwrap_or(0)
+        let database = self.database().ok().and_then(|database| database.db.size_on_disk().ok()).unwrap_or(0);
+        database + self.shared.bodies.size()
     }
 
     /// Queues one event for webhook `name`, with a spool-wide `id` field
@@ -491,6 +549,54 @@ mod tests {
         assert!(spool.recipients(&abandoned).unwrap().is_empty());
         assert_eq!(spool.scan().count(), 1);
         assert!(spool.shared.abandoned.lock().unwrap().is_empty());
+    }
+
+    /// sled writes a value larger than a quarter of its 512 KiB segment,
+    /// or a tree node holding such values, to a blob file it never syncs.
+    /// Bodies must stay out of the database so none ends up there.
+    #[tokio::test]
+    async fn large_messages_stay_out_of_sled_blob_files() {
+        let folder = tempfile::tempdir().unwrap();
+        let spool = Spool::open(folder.path(), 1 << 20).unwrap();
+        let mut ids = Vec::new();
+        for size in std::iter::once(1 << 20).chain(std::iter::repeat_n(50 * 1024, 40)) {
+            let mut message = sample(QueueId::generate());
+            message.data = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
+            spool.store(&message).await.unwrap();
+            ids.push((message.id, message.data));
+        }
+        let blobs: Vec<_> = std::fs::read_dir(folder.path().join("queue").join("blobs"))
+            .map(|entries| entries.map(|entry| entry.unwrap().path()).collect())
+            .unwrap_or_default();
+        assert!(blobs.is_empty(), "sled blob files: {blobs:?}");
+        for (id, data) in ids {
+            assert_eq!(spool.message_data(&id).unwrap().unwrap(), data);
+        }
+    }
+
+    #[tokio::test]
+    async fn body_file_deleted_after_its_messages_are_removed() {
+        let folder = tempfile::tempdir().unwrap();
+        let spool = Spool::open(folder.path(), 1 << 20).unwrap();
+        let body_files = || std::fs::read_dir(folder.path().join("bodies")).unwrap().count();
+        let mut first = sample(QueueId::generate());
+        first.data = vec![b'x'; bodies::ROLL_SIZE as usize];
+        spool.store(&first).await.unwrap();
+        // This one starts the next file, so the first is no longer appended to.
+        spool.store(&sample(QueueId::generate())).await.unwrap();
+        assert_eq!(body_files(), 2);
+
+        let mut done: Vec<(u32, RecipientRecord)> = spool.recipients(&first.id).unwrap();
+        for (_, recipient) in &mut done {
+            recipient.state = RcptState::Delivered;
+        }
+        spool.update(&first.id, &done, None).unwrap();
+        assert!(spool.remove_if_complete(&first.id).unwrap());
+        assert_eq!(body_files(), 2, "deleted before the removal was flushed");
+        spool.flush().await.unwrap();
+        spool.flush().await.unwrap();
+        assert_eq!(body_files(), 1);
+        assert_eq!(spool.scan().count(), 1);
     }
 
     #[tokio::test]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::{Database, QueueId, Shared, envelope_key, message_key};
+use super::{Database, QueueId, Shared, body_references, envelope_key, message_key};
 
 /// Maximum wait between two attempts to reopen.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(2);
@@ -78,13 +78,14 @@ async fn run(shared: Arc<Shared>, failed: u64) {
 
 /// Opens the database again and removes the messages whose store failed.
 fn reopen(shared: &Shared, generation: u64) -> anyhow::Result<Database> {
-    let database = Database::open(&shared.folder, shared.cache_size, generation)?;
+    let database = Database::open(&shared.folder, shared.cache_size, generation, Arc::clone(&shared.bodies))?;
     let abandoned: Vec<QueueId> = shared
         .abandoned
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
         .clone();
     if abandoned.is_empty() {
+        shared.bodies.recount(body_references(&database.tree));
         return Ok(database);
     }
     let mut batch = sled::Batch::default();
@@ -98,6 +99,7 @@ fn reopen(shared: &Shared, generation: u64) -> anyhow::Result<Database> {
     }
     database.tree.apply_batch(batch)?;
     database.db.flush()?;
+    shared.bodies.recount(body_references(&database.tree));
     tracing::info!(messages = abandoned.len(), "removed messages whose store failed from the reopened spool");
     shared
         .abandoned
