@@ -473,13 +473,15 @@ fn bound_socket(ip: IpAddr) -> std::io::Result<TcpSocket> {
 /// in CRLF gets one first, so the end marker is always on its own line.
 pub fn dot_stuff(data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len() + data.len() / 64 + 5);
-    let mut line_start = true;
-    for &byte in data {
-        if line_start && byte == b'.' {
+    let mut rest = data;
+    // Each pass starts at the beginning of a line.
+    while !rest.is_empty() {
+        if rest[0] == b'.' {
             out.push(b'.');
         }
-        out.push(byte);
-        line_start = byte == b'\n';
+        let line_end = memchr::memchr(b'\n', rest).map_or(rest.len(), |newline| newline + 1);
+        out.extend_from_slice(&rest[..line_end]);
+        rest = &rest[line_end..];
     }
     if !data.is_empty() && !data.ends_with(b"\r\n") {
         out.extend_from_slice(b"\r\n");

@@ -61,16 +61,17 @@ impl DataReader {
 
     /// Feeds the next bytes read from the client.
     pub fn feed(&mut self, input: &[u8]) -> Progress {
-        for (position, &byte) in input.iter().enumerate() {
+        let mut position = 0;
+        while position < input.len() {
+            let byte = input[position];
+            position += 1;
             if self.pending_cr {
                 self.pending_cr = false;
                 if byte != b'\n' {
                     return Progress::Failed(DataError::BareCr { line: self.line });
                 }
                 if self.dot_only {
-                    return Progress::Done {
-                        consumed: position + 1,
-                    };
+                    return Progress::Done { consumed: position };
                 }
                 self.push(b'\r');
                 self.push(b'\n');
@@ -90,10 +91,14 @@ impl DataReader {
                     self.dot_only = true;
                 }
                 _ => {
+                    // Take the rest of the line up to its CR or LF at once.
+                    let start = position - 1;
+                    let end = memchr::memchr2(b'\r', b'\n', &input[start..]).map_or(input.len(), |offset| start + offset);
                     self.at_line_start = false;
                     self.dot_only = false;
-                    self.line_length += 1;
-                    self.push(byte);
+                    self.line_length += end - start;
+                    self.push_all(&input[start..end]);
+                    position = end;
                 }
             }
         }
@@ -101,10 +106,14 @@ impl DataReader {
     }
 
     fn push(&mut self, byte: u8) {
-        self.total_size += 1;
-        if self.message.len() < self.max_size {
-            self.message.push(byte);
-        }
+        self.push_all(&[byte]);
+    }
+
+    /// Appends content, keeping at most `max_size` bytes but counting all.
+    fn push_all(&mut self, bytes: &[u8]) {
+        self.total_size += bytes.len();
+        let room = self.max_size.saturating_sub(self.message.len());
+        self.message.extend_from_slice(&bytes[..bytes.len().min(room)]);
     }
 
     /// Size of the content in bytes, counting any dropped for being too large.
@@ -346,6 +355,13 @@ mod tests {
             };
             prop_assert_eq!(offset + consumed, end);
             prop_assert_eq!(reader.into_message(), content);
+        }
+
+        /// The delivery client's dot-stuffing, which scans by line, matches
+        /// this byte-by-byte reference, so the reader inverts it.
+        #[test]
+        fn delivery_stuffing_matches_reference(content in content_lines()) {
+            prop_assert_eq!(crate::delivery::client::dot_stuff(&content), stuff(&content));
         }
 
         /// On any bytes the reader gives the same outcome however the input
