@@ -36,6 +36,11 @@ use anyhow::Context;
 /// A file takes no more bodies once it is this large.
 pub const ROLL_SIZE: u64 = 16 * 1024 * 1024;
 
+/// Files kept open at most, apart from the ones not yet synced. A queue of
+/// 50 GB spans about 3,000 files, more than the usual limit of 1,024 open
+/// files per process.
+const MAX_OPEN_FILES: usize = 64;
+
 /// Location of one body: file, offset, length and CRC-32, encoded in
 /// [`BodyRef::ENCODED_LEN`] bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +83,8 @@ impl BodyRef {
 
 pub struct Bodies {
     folder: PathBuf,
+    /// [`ROLL_SIZE`], smaller in tests.
+    roll_size: u64,
     state: Mutex<State>,
 }
 
@@ -87,7 +94,8 @@ struct State {
     active: Option<Active>,
     /// The number the next new file gets.
     next_file: u64,
-    /// Open files, for reading and syncing.
+    /// Open files, for reading and syncing: the active file, the ones not
+    /// yet synced, and up to [`MAX_OPEN_FILES`] read recently.
     open: HashMap<u64, Arc<File>>,
     /// Live references per file.
     live: HashMap<u64, u64>,
@@ -99,6 +107,25 @@ struct State {
     unused: Vec<u64>,
     /// Bytes in all files.
     size: u64,
+}
+
+impl State {
+    /// Adds an open file, first closing one that is neither active nor
+    /// waiting for a sync when [`MAX_OPEN_FILES`] are open.
+    fn keep_open(&mut self, number: u64, file: Arc<File>) {
+        if self.open.len() >= MAX_OPEN_FILES {
+            let active = self.active.as_ref().map(|active| active.number);
+            let closable = self
+                .open
+                .keys()
+                .copied()
+                .find(|open| Some(*open) != active && !self.dirty.contains(open));
+            if let Some(closable) = closable {
+                self.open.remove(&closable);
+            }
+        }
+        self.open.insert(number, file);
+    }
 }
 
 struct Active {
@@ -115,6 +142,7 @@ impl Bodies {
         std::fs::create_dir_all(&folder).with_context(|| format!("cannot create {}", folder.display()))?;
         let bodies = Bodies {
             folder,
+            roll_size: ROLL_SIZE,
             state: Mutex::new(State::default()),
         };
         let mut state = bodies.lock();
@@ -156,7 +184,7 @@ impl Bodies {
     pub fn append(&self, data: &[u8]) -> anyhow::Result<BodyRef> {
         let len = u32::try_from(data.len()).context("message larger than 4 GiB")?;
         let mut state = self.lock();
-        let full = state.active.as_ref().is_none_or(|active| active.len >= ROLL_SIZE);
+        let full = state.active.as_ref().is_none_or(|active| active.len >= self.roll_size);
         if full {
             self.start_file(&mut state)?;
         }
@@ -195,7 +223,7 @@ impl Bodies {
             .create_new(true)
             .open(&path)
             .with_context(|| format!("cannot create {}", path.display()))?;
-        state.open.insert(number, Arc::new(file));
+        state.keep_open(number, Arc::new(file));
         state.folder_dirty = true;
         state.active = Some(Active { number, len: 0 });
         Ok(())
@@ -219,7 +247,7 @@ impl Bodies {
                 None => {
                     let path = self.path(reference.file);
                     let file = Arc::new(File::open(&path).with_context(|| format!("cannot open {}", path.display()))?);
-                    state.open.insert(reference.file, Arc::clone(&file));
+                    state.keep_open(reference.file, Arc::clone(&file));
                     file
                 }
             }
@@ -416,6 +444,23 @@ mod tests {
         assert_eq!(files(folder.path()), vec![format!("{:016x}.log", second.file)]);
         assert_eq!(bodies.read(second).unwrap(), b"second");
         assert_eq!(bodies.size(), 6);
+    }
+
+    #[test]
+    fn open_files_stay_bounded() {
+        let folder = tempfile::tempdir().unwrap();
+        let mut bodies = Bodies::open(folder.path(), std::iter::empty()).unwrap();
+        bodies.roll_size = 1024;
+        let big = vec![b'z'; 1024];
+        let mut references = Vec::new();
+        for _ in 0..MAX_OPEN_FILES + 10 {
+            references.push(bodies.append(&big).unwrap());
+            bodies.sync().unwrap();
+        }
+        for reference in &references {
+            assert_eq!(bodies.read(*reference).unwrap().len(), big.len());
+        }
+        assert!(bodies.lock().open.len() <= MAX_OPEN_FILES, "{} files open", bodies.lock().open.len());
     }
 
     #[test]
