@@ -80,6 +80,19 @@ pub struct AttemptInfo {
     pub source: String,
     /// The source address could not be bound, so nothing was attempted.
     pub unbindable: bool,
+    /// Shutdown began while the attempt waited on a throttle, so nothing
+    /// was attempted.
+    pub stopped: bool,
+}
+
+impl AttemptInfo {
+    /// Info of an attempt that shutdown stopped before it began.
+    pub fn stopped() -> AttemptInfo {
+        AttemptInfo {
+            stopped: true,
+            ..AttemptInfo::default()
+        }
+    }
 }
 
 impl Event {

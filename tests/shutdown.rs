@@ -73,3 +73,49 @@ async fn grace_time_cuts_off_then_restart_delivers() {
     gateway.launch().await;
     gateway.wait_for_event("delivered", "user@dest.example", Duration::from_secs(30)).await;
 }
+
+/// Connections waiting on a site's connection rate when SIGTERM comes end
+/// at once: the shutdown neither waits for the rate nor tries the site again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_throttle_waits() {
+    let dns = TestDns::start(ZONE).await;
+    // Nothing listens here, so every attempt fails at connect.
+    let port = free_port_on(&[loopback(2)]);
+    let folder = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(folder.path().join("policies")).unwrap();
+    std::fs::write(
+        folder.path().join("policies/shaping.yaml"),
+        "default:\n  max_connections: 10\n  max_connection_rate: \"30/min\"\n",
+    )
+    .unwrap();
+    let mut options = Options::new(dns.addr, port);
+    options.folder = Some(folder);
+    options.delivery_extra = "    shutdown_grace: 30s\n".to_string();
+    let mut gateway = Gateway::start(options).await;
+
+    for index in 0..10 {
+        let recipient = format!("user{index}@dest.example");
+        let reply = send_message(gateway.smtp, "app@src.example", &[recipient.as_str()], CONTENT).await;
+        assert!(reply.starts_with("250"), "{reply}");
+    }
+    // The first connection is allowed at once; the others wait 2 s apart.
+    gateway.wait_for_event("deferred", "user0@dest.example", Duration::from_secs(10)).await;
+    let attempts_before = attempts(&gateway);
+
+    let started = Instant::now();
+    let status = gateway.terminate();
+    let took = started.elapsed();
+    assert!(status.success(), "exit status {status}");
+    assert!(took < Duration::from_secs(3), "shutdown took {took:?}; log:\n{}", gateway.log());
+    assert!(
+        attempts(&gateway) <= attempts_before + 1,
+        "attempts went on after SIGTERM: {} before, {} after; log:\n{}",
+        attempts_before,
+        attempts(&gateway),
+        gateway.log()
+    );
+}
+
+fn attempts(gateway: &Gateway) -> usize {
+    gateway.events().iter().filter(|event| event["event"] == "deferred").count()
+}

@@ -53,13 +53,14 @@ pub async fn run_connection(gateway: Arc<Gateway>, lane: Lane, site: String) {
     // Wait for the site's connection rate before taking a job, so a job
     // never waits here while an open connection could send it.
     let view = gateway.scheduler.throttles.view(&site, Some(&lane.source), &policy.shaping);
-    if let Some(limiter) = &view.connections {
-        worker.wait_for(limiter, &site, "connection").await;
-    }
-    worker.connection_permitted = true;
+    let permitted = match &view.connections {
+        Some(limiter) => worker.wait_for(limiter, &site, "connection").await,
+        None => true,
+    };
+    worker.connection_permitted = permitted;
     drop(policy);
 
-    while let Some(id) = gateway.scheduler.next_job(&lane) {
+    while permitted && let Some(id) = gateway.scheduler.next_job(&lane) {
         match worker.deliver(&id).await {
             Ok(Flow::Continue) => {}
             Ok(Flow::Stop) => break,
@@ -171,6 +172,10 @@ impl Worker {
         };
         if info.unbindable {
             return Ok(Flow::Unbindable);
+        }
+        if info.stopped {
+            // Shutting down: the recipients stay queued as they were.
+            return Ok(Flow::Stop);
         }
 
         info.site = self.label.clone();
@@ -315,8 +320,9 @@ impl Worker {
             if self.client.is_none() {
                 if let Some(limiter) = &view.connections
                     && !self.connection_permitted
+                    && !self.wait_for(limiter, site, "connection").await
                 {
-                    self.wait_for(limiter, site, "connection").await;
+                    return (Vec::new(), AttemptInfo::stopped());
                 }
                 self.connection_permitted = false;
                 match self.connect(targets, tls_mode).await {
@@ -350,7 +356,9 @@ impl Worker {
             }
             if let Some(limiter) = &view.messages {
                 let limiter = limiter.clone();
-                self.wait_for(&limiter, site, "message").await;
+                if !self.wait_for(&limiter, site, "message").await {
+                    return (Vec::new(), AttemptInfo::stopped());
+                }
             }
             let metrics = &self.gateway.metrics;
             metrics
@@ -403,9 +411,17 @@ impl Worker {
     }
 
     /// Waits until `limiter` allows one more event, and records the wait.
-    async fn wait_for(&self, limiter: &crate::scheduler::throttle::Limiter, site: &str, what: &'static str) {
+    /// Waits until `limiter` allows the next connection or message.
+    /// Returns false, at once, when shutdown starts during the wait.
+    async fn wait_for(&self, limiter: &crate::scheduler::throttle::Limiter, site: &str, what: &'static str) -> bool {
         let started = Instant::now();
-        limiter.until_ready().await;
+        let allowed = tokio::select! {
+            _ = limiter.until_ready() => true,
+            _ = self.gateway.scheduler.drained() => false,
+        };
+        if !allowed {
+            return false;
+        }
         let waited = started.elapsed();
         if waited.as_millis() > 0 {
             tracing::trace!(site, what, waited_ms = waited.as_millis() as u64, "throttle wait");
@@ -415,6 +431,7 @@ impl Worker {
             .shaping_wait_seconds
             .with_label_values(&[what])
             .observe(waited.as_secs_f64());
+        true
     }
 
     /// Connects to the first target that accepts, in order. A TLS handshake

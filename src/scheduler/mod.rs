@@ -71,6 +71,8 @@ pub struct Scheduler {
     state: Mutex<State>,
     /// Set at shutdown: no connection starts and none takes another job.
     draining: AtomicBool,
+    /// Woken once, when draining starts.
+    drain_started: Notify,
     wake: Notify,
     max_connections: usize,
     pub throttles: throttle::Throttles,
@@ -91,6 +93,7 @@ impl Scheduler {
         Scheduler {
             state: Mutex::new(State::default()),
             draining: AtomicBool::new(false),
+            drain_started: Notify::new(),
             wake: Notify::new(),
             max_connections,
             throttles: throttle::Throttles::default(),
@@ -307,7 +310,21 @@ impl Scheduler {
     /// Stops delivery for shutdown: connections end after their current
     /// transaction and no new one starts. Queued jobs stay in the spool.
     pub fn drain(&self) {
-        self.draining.store(true, Ordering::Relaxed);
+        self.draining.store(true, Ordering::SeqCst);
+        self.drain_started.notify_waiters();
+    }
+
+    /// Returns once [`Scheduler::drain`] has been called.
+    pub async fn drained(&self) {
+        let notified = self.drain_started.notified();
+        tokio::pin!(notified);
+        // Registered before the check, so a drain between the two still
+        // wakes this waiter.
+        notified.as_mut().enable();
+        if self.draining.load(Ordering::SeqCst) {
+            return;
+        }
+        notified.await;
     }
 
     /// Returns the number of delivery connections open or starting.
