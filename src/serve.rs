@@ -61,6 +61,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             Err(error) => tracing::error!(error = %format!("{error:#}"), "resuming the queue failed; messages not yet read stay in the spool until the next start"),
         }
     });
+    let sessions = smtp_listeners.first().map(|listener| listener.open_sessions());
+    let open_sessions = || sessions.as_ref().map_or(0, |sessions| sessions.count());
     let mut intake = Vec::new();
     for listener in smtp_listeners {
         tracing::info!(address = %listener.local_addr()?, "SMTP intake listening");
@@ -80,16 +82,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     wait_for_shutdown().await;
-    // Closing the listeners refuses new clients; sessions already open go
-    // on until the exit, and anything they got a 250 for is on disk.
+    // Closing the listeners refuses new clients. Sessions waiting for a
+    // command get a 421 when draining starts; a message being received
+    // may finish within the grace time, and anything that got a 250 is on
+    // disk.
     for task in intake {
         task.abort();
     }
     gateway.scheduler.drain();
     let grace = gateway.config.delivery.shutdown_grace;
-    tracing::info!(in_flight = gateway.scheduler.open_connections(), grace = %humantime::format_duration(grace), "shutting down: intake closed, waiting for deliveries in flight");
+    tracing::info!(in_flight = gateway.scheduler.open_connections(), sessions = open_sessions(), grace = %humantime::format_duration(grace), "shutting down: intake closed, waiting for deliveries and sessions in flight");
     let deadline = tokio::time::Instant::now() + grace;
-    while gateway.scheduler.open_connections() > 0 && tokio::time::Instant::now() < deadline {
+    while (gateway.scheduler.open_connections() > 0 || open_sessions() > 0) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     let cut = gateway.scheduler.open_connections();

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::dns::TestDns;
-use common::gateway::{Gateway, Options, send_message};
+use common::gateway::{Client, Gateway, Options, send_message};
 use common::loopback;
 use common::receiver::{Receiver, Script, free_port_on};
 
@@ -118,4 +118,25 @@ async fn sigterm_ends_throttle_waits() {
 
 fn attempts(gateway: &Gateway) -> usize {
     gateway.events().iter().filter(|event| event["event"] == "deferred").count()
+}
+
+/// A session waiting for its next command when SIGTERM comes is told so
+/// with a 421 (RFC 5321 section 3.8), not just disconnected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_sends_421_to_open_sessions() {
+    let dns = TestDns::start(ZONE).await;
+    let port = free_port_on(&[loopback(2)]);
+    let mut gateway = Gateway::start(Options::new(dns.addr, port)).await;
+    let (mut client, _) = Client::connect(gateway.smtp).await;
+    assert!(client.command("EHLO client.test.example").await.starts_with("250"));
+    assert!(client.command("MAIL FROM:<app@src.example>").await.starts_with("250"));
+
+    gateway.signal("-TERM");
+    let reply = tokio::time::timeout(Duration::from_secs(5), client.read_reply())
+        .await
+        .expect("no reply within 5 s of SIGTERM");
+    assert!(reply.starts_with("421 4.3.2 "), "{reply}");
+    assert_eq!(client.read_reply().await, "<closed>");
+    let status = gateway.terminate();
+    assert!(status.success(), "exit status {status}");
 }

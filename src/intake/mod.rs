@@ -23,6 +23,7 @@ use crate::gateway::Gateway;
 pub struct Shared {
     /// Permits for `smtp.max_sessions`, counted over all listeners.
     sessions: Arc<Semaphore>,
+    max_sessions: usize,
     /// Present when `smtp.auth.users_file` is set.
     pub authenticator: Option<Arc<auth::Authenticator>>,
     /// Open sessions per client IP address, for `smtp.max_connections_per_ip`.
@@ -77,6 +78,20 @@ impl Listener {
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.tcp.local_addr()
     }
+
+    /// Returns a counter of the sessions open on all listeners.
+    pub fn open_sessions(&self) -> OpenSessions {
+        OpenSessions(Arc::clone(&self.shared))
+    }
+}
+
+/// Counter of the SMTP sessions open on all listeners.
+pub struct OpenSessions(Arc<Shared>);
+
+impl OpenSessions {
+    pub fn count(&self) -> usize {
+        self.0.max_sessions.saturating_sub(self.0.sessions.available_permits())
+    }
 }
 
 /// Binds every `smtp.listen` and `smtp.implicit_tls_listen` address, so a
@@ -86,6 +101,7 @@ pub async fn bind(gateway: &Gateway) -> anyhow::Result<Vec<Listener>> {
     let smtp = &gateway.config.smtp;
     let shared = Arc::new(Shared {
         sessions: Arc::new(Semaphore::new(smtp.max_sessions)),
+        max_sessions: smtp.max_sessions,
         authenticator: auth::Authenticator::new(smtp)?.map(Arc::new),
         connections_per_ip: Mutex::new(HashMap::new()),
         max_connections_per_ip: smtp.max_connections_per_ip,

@@ -115,6 +115,11 @@ impl Session {
                     let _ = self.flush().await;
                     return;
                 }
+                LineRead::ShuttingDown => {
+                    self.push(&shutting_down());
+                    let _ = self.flush().await;
+                    return;
+                }
                 LineRead::TooLong => {
                     self.push_error(Reply::new(
                         500,
@@ -763,6 +768,10 @@ impl Session {
             LineRead::TooLong => {
                 return Err(AuthStop::Reply(Reply::new(500, "5.5.6", "Authentication exchange line is too long")));
             }
+            LineRead::ShuttingDown => {
+                self.push(&shutting_down());
+                return Err(AuthStop::Close(Close::Done));
+            }
         }
         let Some(text) = line.strip_suffix(b"\r\n") else {
             return Err(AuthStop::Reply(Reply::new(
@@ -785,7 +794,14 @@ impl Session {
         let mut too_long = false;
         loop {
             let wait = self.wait(idle);
-            let buffer = match timeout(wait, self.reader.fill_buf()).await {
+            let gateway = Arc::clone(&self.gateway);
+            let read = tokio::select! {
+                biased;
+                read = timeout(wait, self.reader.fill_buf()) => read,
+                // Only between commands: a line already begun is read.
+                _ = gateway.scheduler.drained(), if line.is_empty() => return LineRead::ShuttingDown,
+            };
+            let buffer = match read {
                 Ok(Ok(buffer)) => buffer,
                 Ok(Err(_)) => return LineRead::Eof,
                 Err(_) => return LineRead::TimedOut,
@@ -864,11 +880,19 @@ fn decode_sasl(text: &str) -> Result<Vec<u8>, AuthStop> {
         .map_err(|_| AuthStop::Reply(Reply::new(501, "5.5.2", "Invalid base64 in the AUTH response")))
 }
 
+/// Reply to a session that waits for its next command when shutdown begins
+/// (RFC 5321 section 3.8).
+fn shutting_down() -> Reply {
+    Reply::new(421, "4.3.2", "Service shutting down; try again later")
+}
+
 enum LineRead {
     Line,
     Eof,
     TimedOut,
     TooLong,
+    /// The gateway began to shut down while the session waited.
+    ShuttingDown,
 }
 
 fn parse_error_reply(error: &ParseError, line: &[u8]) -> Reply {
