@@ -61,6 +61,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             Err(error) => tracing::error!(error = %format!("{error:#}"), "resuming the queue failed; messages not yet read stay in the spool until the next start"),
         }
     });
+    let tidying = gateway.clone();
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(std::time::Duration::from_secs(10));
+        loop {
+            interval.tick().await;
+            if let Err(error) = tidying.spool.tidy().await {
+                tracing::warn!(error = %format!("{error:#}"), "cannot delete unused body files yet");
+            }
+        }
+    });
     let sessions = smtp_listeners.first().map(|listener| listener.open_sessions());
     let open_sessions = || sessions.as_ref().map_or(0, |sessions| sessions.count());
     let mut intake = Vec::new();

@@ -376,6 +376,21 @@ impl Bodies {
             .collect();
     }
 
+    /// Stops appending to the active file when no live reference points
+    /// into it, so it can go too. Returns whether files wait for deletion,
+    /// which the next flush does.
+    pub fn tidy(&self) -> bool {
+        let mut state = self.lock();
+        let active_unused = state
+            .active
+            .as_ref()
+            .is_some_and(|active| active.len > 0 && state.live.get(&active.number).copied().unwrap_or(0) == 0);
+        if active_unused {
+            self.retire_active(&mut state);
+        }
+        !state.unused.is_empty()
+    }
+
     /// Bytes in all body files.
     pub fn size(&self) -> u64 {
         self.lock().size
