@@ -114,7 +114,7 @@ pub fn list_spool(spool: &crate::spool::Spool, limit: usize) -> anyhow::Result<(
 }
 
 async fn explain(State(gateway): State<Arc<Gateway>>, axum::extract::Path(id): axum::extract::Path<String>) -> Response {
-    let Some(queue_id) = crate::spool::QueueId::from_key_suffix(id.as_bytes()) else {
+    let Some(queue_id) = crate::spool::QueueId::parse(&id) else {
         return (StatusCode::BAD_REQUEST, format!("{id:?} is not a queue id; queue ids are 20 hex digits, as baton queue list shows\n")).into_response();
     };
     match crate::explain::explain_running(&gateway, &queue_id) {

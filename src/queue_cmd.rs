@@ -23,8 +23,17 @@ pub fn list(config: &Config, limit: usize) -> anyhow::Result<()> {
         }
         Err(error) => return Err(error),
     };
-    print!("{}", render(&messages, truncated, crate::spool::record::unix_now()));
-    Ok(())
+    print_out(&render(&messages, truncated, crate::spool::record::unix_now()))
+}
+
+/// Writes `text` to stdout. A reader that closed the pipe early, as
+/// `| head` does, is not an error.
+fn print_out(text: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Err(error) if error.kind() != std::io::ErrorKind::BrokenPipe => Err(error.into()),
+        _ => Ok(()),
+    }
 }
 
 fn is_connection_refused(error: &anyhow::Error) -> bool {
@@ -35,20 +44,18 @@ fn is_connection_refused(error: &anyhow::Error) -> bool {
 
 /// Prints why a message waits, from the running gateway or the spool.
 pub fn explain(config: &Config, id: &str) -> anyhow::Result<()> {
-    let Some(queue_id) = crate::spool::QueueId::from_key_suffix(id.trim().as_bytes()) else {
+    let Some(queue_id) = crate::spool::QueueId::parse(id) else {
         anyhow::bail!("{id:?} is not a queue id; queue ids are 20 hex digits, as baton queue list shows");
     };
     match get(config, &format!("/queue/{queue_id}")) {
         Ok(body) => {
-            print!("{}", String::from_utf8_lossy(&body));
-            Ok(())
+            print_out(&String::from_utf8_lossy(&body))
         }
         Err(error) if is_connection_refused(&error) => {
             let spool = crate::spool::Spool::open(&config.spool.path, 16 * 1024 * 1024)?;
             match spool.load(&queue_id)? {
                 Some(message) => {
-                    print!("{}", crate::explain::explain_offline(&message));
-                    Ok(())
+                    print_out(&crate::explain::explain_offline(&message))
                 }
                 None => anyhow::bail!("{queue_id} is not in the queue (delivered, bounced or never queued)"),
             }

@@ -33,6 +33,11 @@ impl QueueId {
         u64::from_str_radix(&self.0[..13], 16).unwrap_or(0)
     }
 
+    /// Parses a queue id an operator typed, in either case.
+    pub fn parse(text: &str) -> Option<QueueId> {
+        QueueId::from_key_suffix(text.trim().to_ascii_uppercase().as_bytes())
+    }
+
     /// Parses the id part of a spool key; `None` when it is not an id.
     pub fn from_key_suffix(bytes: &[u8]) -> Option<QueueId> {
         let text = std::str::from_utf8(bytes).ok()?;
