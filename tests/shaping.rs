@@ -266,6 +266,16 @@ fn policy_check_names_file_and_line() {
         .unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(String::from_utf8_lossy(&output.stdout).contains(": ok ("));
+
+    // A folder that is not there is an error, not an empty policy.
+    std::fs::remove_dir_all(&policies).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["--config", config.to_str().unwrap(), "policy", "check"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "missing folder passed the check");
+    assert!(stderr.contains("policies folder") && stderr.contains("not found"), "{stderr}");
 }
 
 #[tokio::test]

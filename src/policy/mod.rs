@@ -31,6 +31,13 @@ pub struct Policy {
 /// Loads every policy file and key as `baton serve` would, and prints a
 /// summary; the error names the file, line and field.
 pub fn check(policies: &std::path::Path, keys: &std::path::Path) -> anyhow::Result<()> {
+    // `serve` runs on built-in defaults without the folder, but a check of
+    // a folder that is not there most likely names the wrong one.
+    anyhow::ensure!(
+        policies.is_dir(),
+        "policies folder {} not found; set `policies:` in the config file or run from the folder that holds policies/",
+        policies.display()
+    );
     let policy = PolicyStore::read(policies, keys)?;
     let (domains, selectors) = policy.dkim.summary();
     println!(
