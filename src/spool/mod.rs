@@ -127,7 +127,7 @@ impl Database {
     }
 }
 
-/// Every body reference stored in `tree`.
+/// Returns every body reference stored in `tree`.
 fn body_references(tree: &sled::Tree) -> impl Iterator<Item = BodyRef> + '_ {
     tree.scan_prefix(b"m/")
         .values()
