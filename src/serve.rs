@@ -93,9 +93,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     wait_for_shutdown().await;
     // Closing the listeners refuses new clients. Sessions waiting for a
-    // command get a 421 when draining starts; a message being received
-    // may finish within the grace time, and anything that got a 250 is on
-    // disk.
+    // command get a 421 when draining starts. A message being received may
+    // finish within the grace time, and anything that got a 250 is on disk.
     for task in intake {
         task.abort();
     }

@@ -120,8 +120,8 @@ fn attempts(gateway: &Gateway) -> usize {
     gateway.events().iter().filter(|event| event["event"] == "deferred").count()
 }
 
-/// A session waiting for its next command when SIGTERM comes is told so
-/// with a 421 (RFC 5321 section 3.8), not just disconnected.
+/// A session waiting for its next command when SIGTERM comes gets a 421
+/// (RFC 5321 section 3.8) before the connection closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_sends_421_to_open_sessions() {
     let dns = TestDns::start(ZONE).await;

@@ -179,7 +179,7 @@ impl Spool {
             Err(error) => {
                 // Nothing reached the database, but the disk is likely full:
                 // take the same path as a failed database write, so intake
-                // says 452 until the reopen shows space again.
+                // replies 452 until the reopen finds space again.
                 self.write_failed(&database);
                 return Err(error);
             }
