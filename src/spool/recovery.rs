@@ -79,14 +79,22 @@ async fn run(shared: Arc<Shared>, failed: u64) {
 /// Opens the database again and removes the messages whose store failed.
 fn reopen(shared: &Shared, generation: u64) -> anyhow::Result<Database> {
     let database = Database::open(&shared.folder, shared.cache_size, generation, Arc::clone(&shared.bodies))?;
+    remove_abandoned(shared, &database)?;
+    // The reopened database may hold references that the old one had
+    // removed before a flush, so the body files count them again.
+    shared.bodies.recount(body_references(&database.tree));
+    Ok(database)
+}
+
+/// Removes the messages whose store failed from the reopened `database`.
+fn remove_abandoned(shared: &Shared, database: &Database) -> anyhow::Result<()> {
     let abandoned: Vec<QueueId> = shared
         .abandoned
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
         .clone();
     if abandoned.is_empty() {
-        shared.bodies.recount(body_references(&database.tree));
-        return Ok(database);
+        return Ok(());
     }
     let mut batch = sled::Batch::default();
     for id in &abandoned {
@@ -99,12 +107,11 @@ fn reopen(shared: &Shared, generation: u64) -> anyhow::Result<Database> {
     }
     database.tree.apply_batch(batch)?;
     database.db.flush()?;
-    shared.bodies.recount(body_references(&database.tree));
     tracing::info!(messages = abandoned.len(), "removed messages whose store failed from the reopened spool");
     shared
         .abandoned
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
         .retain(|id| !abandoned.contains(id));
-    Ok(database)
+    Ok(())
 }
