@@ -398,6 +398,20 @@ async fn queue_list_shows_deferred() {
     let output = gateway.command(&["queue", "list"]);
     let offline = String::from_utf8_lossy(&output.stdout);
     assert!(offline.contains("deferred  <rcpt@dest.example>  attempts 1"), "{offline}");
+
+    // A reader that closes the pipe first, as `| head` does, is no error.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["queue", "list", "--config"])
+        .arg(gateway.config_path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run baton");
+    drop(child.stdout.take());
+    let output = child.wait_with_output().expect("wait for baton");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "exit status {}: {stderr}", output.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 #[tokio::test]
