@@ -7,10 +7,10 @@ use baton::{config, dkim_cmd, dns_cmd, policy, queue_cmd, serve, users};
 
 use clap::{Parser, Subcommand};
 
-/// jemalloc in place of glibc's allocator: with glibc, sessions and
-/// deliveries on several threads left freed memory in per-thread arenas,
-/// and Baton's RSS grew to 4.2 GiB while it drained a queue of 1,000,000
-/// messages (benches/big_queue.sh).
+/// Allocator: jemalloc in place of glibc's. With glibc, Baton's RSS peaked
+/// at 4.3 GiB while it drained a queue of 1,000,000 messages
+/// (benches/big_queue.sh). A limit of one glibc arena also kept it low, so
+/// the likely cause is freed memory held in glibc's per-thread arenas.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

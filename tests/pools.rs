@@ -285,7 +285,7 @@ async fn mail_queued_before_pools_uses_fallback_pool() {
     let text = String::from_utf8_lossy(&output.stdout).to_string();
     assert!(output.status.success(), "{text}{}", String::from_utf8_lossy(&output.stderr));
     assert!(text.contains(&id), "{text}");
-    // Queue ids are hex digits; one typed in lower case is the same id.
+    // Queue ids are hex digits, so one typed in lower case is the same id.
     let output = gateway.command(&["queue", "explain", &id.to_lowercase()]);
     assert!(output.status.success(), "lower-case id: {}", String::from_utf8_lossy(&output.stderr));
     assert!(String::from_utf8_lossy(&output.stdout).contains(&id));

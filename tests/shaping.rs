@@ -275,7 +275,8 @@ fn policy_check_names_file_and_line() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "missing folder passed the check");
-    assert!(stderr.contains("policies folder") && stderr.contains("not found"), "{stderr}");
+    assert!(stderr.contains("policies folder"), "{stderr}");
+    assert!(stderr.contains("not found"), "{stderr}");
 }
 
 #[tokio::test]

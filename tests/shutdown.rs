@@ -74,8 +74,9 @@ async fn grace_time_cuts_off_then_restart_delivers() {
     gateway.wait_for_event("delivered", "user@dest.example", Duration::from_secs(30)).await;
 }
 
-/// Connections waiting on a site's connection rate when SIGTERM comes end
-/// at once: the shutdown neither waits for the rate nor tries the site again.
+/// Delivery connections that wait on a site's connection rate end at once
+/// on SIGTERM. The shutdown neither waits for the rate nor tries the site
+/// again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_ends_throttle_waits() {
     let dns = TestDns::start(ZONE).await;

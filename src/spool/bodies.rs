@@ -3,8 +3,8 @@
 //! sled 0.34 rewrites a whole tree node when it consolidates one, so a node
 //! of sixteen 50 KB messages went to disk again and again. It also writes a
 //! node larger than a quarter of a segment (128 KiB by default) to a blob
-//! file that it never fsyncs (`write_blob` in sled's `blob_io.rs`), so a
-//! large message could vanish in a power cut after its `250`. Bodies
+//! file. It never fsyncs that file (`write_blob` in sled's `blob_io.rs`),
+//! so a large message could vanish in a power cut after its `250`. Bodies
 //! therefore live here, and the database keeps a small [`BodyRef`] per
 //! message.
 //!
@@ -65,7 +65,7 @@ impl BodyRef {
         bytes
     }
 
-    /// Decodes a stored reference; `None` when `bytes` is not one.
+    /// Decodes a stored reference, or returns `None` when `bytes` is not one.
     pub fn decode(bytes: &[u8]) -> Option<BodyRef> {
         if bytes.len() != Self::ENCODED_LEN || &bytes[..2] != Self::MAGIC {
             return None;
@@ -90,7 +90,7 @@ pub struct Bodies {
 
 #[derive(Default)]
 struct State {
-    /// The file new bodies go to; created by the first append.
+    /// File that new bodies go to, created by the first append.
     active: Option<Active>,
     /// The number the next new file gets.
     next_file: u64,
@@ -192,8 +192,8 @@ impl Bodies {
         let (number, offset) = (active.number, active.len);
         let file = Arc::clone(&state.open[&number]);
         if let Err(error) = file.write_all_at(data, offset) {
-            // The tail of this file is now unknown; the next body starts a
-            // new one.
+            // The tail of this file is now unknown, so the next body starts
+            // a new file.
             self.retire_active(&mut state);
             return Err(anyhow::Error::new(error).context(format!("cannot write to {}", self.path(number).display())));
         }
@@ -357,10 +357,9 @@ impl Bodies {
         }
     }
 
-    /// Puts the books back in line with the database after it was
-    /// reopened: `references` yields every reference it now holds. Nothing
-    /// scheduled for deletion is deleted, since the reopened database may
-    /// hold references the old one had removed.
+    /// Recounts the live references after the database was reopened, from
+    /// `references`, every reference it now holds. A file waiting for
+    /// deletion stays when the reopened database points into it again.
     pub fn recount(&self, references: impl Iterator<Item = BodyRef>) {
         let mut state = self.lock();
         let mut known: HashSet<u64> = state.live.keys().chain(state.open.keys()).copied().collect();
@@ -377,8 +376,8 @@ impl Bodies {
     }
 
     /// Stops appending to the active file when no live reference points
-    /// into it, so it can go too. Returns whether files wait for deletion,
-    /// which the next flush does.
+    /// into it, so that it can be deleted too. Returns whether any file
+    /// waits for deletion at the next flush.
     pub fn tidy(&self) -> bool {
         let mut state = self.lock();
         let active_unused = state
@@ -479,7 +478,7 @@ mod tests {
     }
 
     #[test]
-    fn reopening_keeps_referenced_files_and_starts_a_new_one() {
+    fn reopen_keeps_referenced_files() {
         let folder = tempfile::tempdir().unwrap();
         let (kept, dropped) = {
             let bodies = Bodies::open(folder.path(), std::iter::empty()).unwrap();

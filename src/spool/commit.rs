@@ -71,7 +71,7 @@ impl Committer {
 }
 
 /// Syncs the bodies, then flushes the database, so that a reference on disk
-/// never points at bytes that are not; then deletes body files that were
+/// points only at bytes on disk. Then deletes the body files that were
 /// already unused when the sync began.
 fn flush(db: &sled::Db, bodies: &Bodies) -> Result<(), String> {
     let unused = bodies.sync().map_err(|error| format!("{error:#}"))?;
